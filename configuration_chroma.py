@@ -206,6 +206,7 @@ class ChromaConfig(PretrainedConfig):
     """
 
     model_type = "chroma"
+    _auto_class = "AutoConfig"  # save_pretrained writes the auto_map entry
     sub_configs = {
         "thinker_config": Qwen2_5OmniThinkerConfig,
         "backbone_config": ChromaBackboneConfig,

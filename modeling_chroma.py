@@ -344,6 +344,8 @@ class ChromaForConditionalGeneration(ChromaGenerationMixin, ChromaPreTrainedMode
     Use `generate()` (see `generation_chroma.py`) for answers; `forward()` is the teacher-forced training pass.
     """
 
+    # save_pretrained writes an auto_map and copies the hub files, so the folder loads with trust_remote_code
+    _auto_class = "AutoModelForCausalLM"
     _tied_weights_keys = {
         "backbone.audio_embedding.embed_audio_tokens.weight": "decoder.audio_embedding.embed_audio_tokens.weight"
     }
