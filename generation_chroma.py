@@ -229,23 +229,37 @@ class ChromaGenerator:
         device = thinker_hidden.device
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        codes = model.encode_audio(input_values)  # [B, F, K]
-        if input_values_cutoffs is None:
-            input_values_cutoffs = torch.full((batch,), input_values.shape[-1], device=device)
-        frame_counts = (input_values_cutoffs.to(device) + config.audio_frame_freq - 1) // config.audio_frame_freq
+        ref_frames = [model.embed_frames(codes) for codes in self.encode_references(input_values, input_values_cutoffs)]
         markers = model.embed_text(torch.tensor([config.text_start_token_id, config.text_end_token_id], device=device))
-        ref_frames = model.embed_frames(codes)  # [B, F, D]
         answer_start = torch.stack([thinker_hidden, model.embed_text(first_id)], dim=1)  # [B, 2, D]
         rows = []
         for b in range(batch):
             text = model.embed_text(input_ids[b][attention_mask[b].bool()].to(device))
             rows.append(torch.cat([
                 markers[:1], text, markers[1:],
-                ref_frames[b, : int(frame_counts[b])],
-                ref_frames.new_zeros(1, ref_frames.shape[-1]),  # end of the reference audio
+                ref_frames[b],
+                markers.new_zeros(1, markers.shape[-1]),  # end of the reference audio
                 answer_start[b],
             ]))
         return left_pad(rows)
+
+    def encode_references(self, input_values, cutoffs=None):
+        """Mimi codes of each row's reference clip, cut to its valid samples: a list of [F_b, K].
+
+        Each clip is encoded at its own length, as a solo request would be: Mimi's last (partial) frame depends on
+        what follows the clip, so encoding right-padded rows together would change it. Rows of equal length share
+        one encoder call."""
+        batch = input_values.shape[0]
+        if cutoffs is None:
+            cutoffs = torch.full((batch,), input_values.shape[-1])
+        cutoffs = [int(c) for c in cutoffs]
+        codes = [None] * batch
+        for length in sorted(set(cutoffs)):
+            rows = [b for b in range(batch) if cutoffs[b] == length]
+            group = self.model.encode_audio(input_values[rows, :, :length])  # [len(rows), F, K]
+            for i, b in enumerate(rows):
+                codes[b] = group[i]
+        return codes
 
     def start(self, inputs, max_new_tokens):
         """Prefill everything. -> (state, first backbone input [B, L, D], its validity [B, L])."""
@@ -523,6 +537,15 @@ class ChromaGenerationMixin:
                 raise ValueError(f"{name} has batch size {value.shape[0]}, thinker_input_ids has {batch}")
         if inputs["input_values"].shape[-1] == 0:
             raise ValueError("input_values is empty: the reference voice needs at least one sample")
+        if not bool(torch.isfinite(inputs["input_values"]).all()):
+            raise ValueError("input_values contains NaN or Inf samples")
+        cutoffs = inputs["input_values_cutoffs"]
+        if cutoffs is not None and (cutoffs.dim() != 1 or bool((cutoffs < 1).any())
+                                    or bool((cutoffs > inputs["input_values"].shape[-1]).any())):
+            raise ValueError(
+                f"input_values_cutoffs must be [B] sample counts in 1..{inputs['input_values'].shape[-1]}, "
+                f"got {cutoffs.tolist()}"
+            )
         if (inputs["thinker_input_features"] is None) != (inputs["thinker_feature_attention_mask"] is None):
             raise ValueError("thinker_input_features and thinker_feature_attention_mask go together")
         device = self.backbone.codebook0_head.weight.device

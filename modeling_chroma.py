@@ -216,11 +216,11 @@ class ChromaAudioEmbedding(nn.Module):
         self.register_buffer("codebook_offsets", torch.arange(num_codebooks) * vocab_size, persistent=False)
 
     def forward(self, codes: torch.Tensor, codebook_index: Optional[int] = None) -> torch.Tensor:
-        """codes [..., K] -> per-codebook embeddings [..., K, D] (codebook_index None), or codes [...] of one codebook
+        """codes [..., k<=K] -> per-codebook embeddings [..., k, D] (codebook_index None), or codes [...] of one codebook
         -> [..., D]. The ignore label -100 is embedded as code 0, as the official code does."""
         codes = codes.clamp(min=0)
-        if codebook_index is None:
-            return self.embed_audio_tokens(codes + self.codebook_offsets)
+        if codebook_index is None:  # the last axis holds codebooks 0, 1, ... (a prefix of the K is allowed)
+            return self.embed_audio_tokens(codes + self.codebook_offsets[: codes.shape[-1]])
         return self.embed_audio_tokens(codes + codebook_index * self.vocab_size)
 
     def embed_frames(self, codes: torch.Tensor) -> torch.Tensor:
