@@ -9,7 +9,7 @@ The hub files (configuration_/modeling_/generation_/processing_chroma.py) never 
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_chroma import ChromaBackboneConfig, ChromaConfig, ChromaDecoderConfig
-from .generation_chroma import ChromaGenerateOutput, ChromaGenerator, SamplingParams
+from .generation_chroma import ChromaChunk, ChromaGenerateOutput, ChromaGenerator, ChromaVoice, SamplingParams
 from .modeling_chroma import ChromaForConditionalGeneration
 
 
@@ -28,11 +28,13 @@ except ImportError:  # pragma: no cover
 __version__ = "0.1.0"
 __all__ = [
     "ChromaBackboneConfig",
+    "ChromaChunk",
     "ChromaConfig",
     "ChromaDecoderConfig",
     "ChromaForConditionalGeneration",
     "ChromaGenerateOutput",
     "ChromaGenerator",
     "ChromaProcessor",
+    "ChromaVoice",
     "SamplingParams",
 ]

@@ -19,11 +19,11 @@ them, so its rows drift from their solo runs).
 Shapes: B batch, K codebooks, V audio vocabulary, D backbone width, S thinker tokens.
 """
 
+import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 import torch
-import torch.nn.functional as F
 from transformers.utils import ModelOutput, logging
 
 
@@ -127,7 +127,79 @@ def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator=No
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Per-request state and output
+# Voices
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChromaVoice:
+    """A reference voice, encoded once and reused across requests and batch rows.
+
+    text_ids: [P] thinker-vocabulary ids of the reference transcript.
+    codes: [F, K] Mimi codes of the reference recording.
+    The backbone prompt prefix it stands for is [E(text_start), E(text_ids), E(text_end), frame_emb(codes), 0];
+    its key/value cache is computed on first use with a model and kept (per model, device and dtype).
+    """
+
+    text_ids: torch.Tensor
+    codes: torch.Tensor
+    transcript: Optional[str] = None
+    _prefix_kv: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.text_ids.dim() != 1 or self.codes.dim() != 2:
+            raise ValueError(f"ChromaVoice wants text_ids [P] and codes [F, K], got {tuple(self.text_ids.shape)} "
+                             f"and {tuple(self.codes.shape)}")
+        if self.codes.shape[0] == 0:
+            raise ValueError("ChromaVoice needs at least one audio frame")
+
+    def prefix_embeddings(self, model) -> torch.Tensor:
+        """The backbone prompt prefix [P + F + 3, D]."""
+        config, device = model.config, model.backbone.codebook0_head.weight.device
+        markers = model.embed_text(torch.tensor([config.text_start_token_id, config.text_end_token_id], device=device))
+        return torch.cat([
+            markers[:1], model.embed_text(self.text_ids.to(device)), markers[1:],
+            model.embed_frames(self.codes.to(device)),
+            markers.new_zeros(1, markers.shape[-1]),  # end of the reference audio
+        ])
+
+    def prefix_kv(self, model):
+        """Per backbone layer (key, value) [H_kv, L, head_dim] of the prefix; computed once per model/device/dtype."""
+        device, dtype = model.backbone.codebook0_head.weight.device, model.backbone.codebook0_head.weight.dtype
+        key = (id(model), str(device), dtype)
+        cached = self._prefix_kv.get(key)
+        if cached is not None and cached[0]() is model:
+            return cached[1]
+        embeds = self.prefix_embeddings(model)[None]
+        cache = ChromaKVCache(model.config.backbone_config, 1, embeds.shape[1], device, dtype)
+        with torch.no_grad():
+            model.backbone(embeds, torch.arange(embeds.shape[1], device=device)[None], None, cache, 0)
+        kv = [(k[0], v[0]) for k, v in zip(cache.keys, cache.values)]
+        self._prefix_kv[key] = (weakref.ref(model), kv)
+        return kv
+
+    def save(self, path):
+        """Write the voice as safetensors (codes, transcript ids, transcript text in the metadata)."""
+        from safetensors.torch import save_file
+
+        metadata = {"format": "chroma-voice-v1", "transcript": self.transcript or ""}
+        save_file({"text_ids": self.text_ids.cpu().contiguous(), "codes": self.codes.cpu().contiguous()},
+                  str(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path) -> "ChromaVoice":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != "chroma-voice-v1":
+                raise ValueError(f"{path} is not a Chroma voice file (format {metadata.get('format')!r})")
+            return cls(text_ids=f.get_tensor("text_ids"), codes=f.get_tensor("codes"),
+                       transcript=metadata.get("transcript") or None)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Per-request state, chunks and output
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -136,26 +208,46 @@ class ChromaGenerationState:
     """Everything one batch of answers carries from step to step."""
 
     # backbone
-    cache: "ChromaKVCache"
+    cache: ChromaKVCache
     slot_valid: torch.Tensor  # [B, capacity] bool: slot holds a real token of that row
     next_slot: int  # first free slot (shared by all rows)
     next_position: torch.Tensor  # [B] RoPE position of the row's next real token
-    depth_cache: "ChromaKVCache"  # K slots, overwritten every frame
+    depth_cache: ChromaKVCache  # K slots, overwritten every frame
     # thinker
     thinker_cache: object  # transformers Cache
     thinker_mask: torch.Tensor  # [B, S + steps] 2-D attention mask
     thinker_next_position: torch.Tensor  # [B]
-    thinker_alive: torch.Tensor  # [B] bool: has not emitted <|im_end|> yet
+    thinker_alive: torch.Tensor  # [B] bool: still talking (no <|im_end|>, under max_text_tokens)
     last_text_id: torch.Tensor  # [B] the id the thinker reads at its next step
-    last_text_hidden: Optional[torch.Tensor] = None  # [B, D]
+    text_count: torch.Tensor  # [B] text ids produced so far
     # outputs so far
+    finished: torch.Tensor  # [B] bool: row's answer is complete (EOS frame, stopping criterion or cancel)
     text_ids: List[torch.Tensor] = field(default_factory=list)  # each [B]
     text_valid: List[torch.Tensor] = field(default_factory=list)  # each [B] bool
     frames: List[torch.Tensor] = field(default_factory=list)  # each [B, K]
     frame_valid: List[torch.Tensor] = field(default_factory=list)  # each [B] bool: frame belongs to the answer
-    finished: Optional[torch.Tensor] = None  # [B] bool
     c0_logits: List[torch.Tensor] = field(default_factory=list)  # each [B, V]
     depth_logits: List[torch.Tensor] = field(default_factory=list)  # each [B, K-1, V]
+    cancelled: bool = False
+
+
+@dataclass
+class ChromaChunk:
+    """What `stream()` yields: the text and audio produced since the previous chunk.
+
+    text_ids: per row, the new thinker ids [n_b] (LongTensor; may be empty).
+    audio_codes: [B, n, K] the new frames (0 after a row's end); audio_valid [B, n] marks the row's own frames.
+    pcm: [B, n * audio_frame_freq] float 24 kHz audio of these frames (None with decode_audio=False); streamed
+        through a stateful Mimi decoder, so concatenating the chunks' pcm equals decoding all codes at once.
+    finished: [B] the row's answer is complete. frame_offset: index of this chunk's first frame.
+    """
+
+    text_ids: List[torch.Tensor]
+    audio_codes: torch.Tensor
+    audio_valid: torch.Tensor
+    pcm: Optional[torch.Tensor]
+    finished: torch.Tensor
+    frame_offset: int
 
 
 @dataclass
@@ -167,6 +259,7 @@ class ChromaGenerateOutput(ModelOutput):
     audio_lengths: [B] frames that belong to each row's answer.
     text_sequences: [B, N] thinker ids (ending with <|im_end|> when the thinker finished), right-padded with the
         thinker's pad id; `text_lengths` [B] gives the valid counts.
+    finish_reasons: per row "stop" (EOS frame or a stopping criterion), "length" (max_new_tokens) or "cancelled".
     logits: per backbone step, raw codebook-0 logits [B, V] (with `output_logits=True`).
     depth_logits: per frame, raw depth-decoder logits [B, K-1, V] (with `output_logits=True`).
     """
@@ -175,6 +268,7 @@ class ChromaGenerateOutput(ModelOutput):
     audio_lengths: Optional[torch.LongTensor] = None
     text_sequences: Optional[torch.LongTensor] = None
     text_lengths: Optional[torch.LongTensor] = None
+    finish_reasons: Optional[list] = None
     logits: Optional[tuple] = None
     depth_logits: Optional[tuple] = None
 
@@ -185,15 +279,21 @@ class ChromaGenerateOutput(ModelOutput):
 
 
 class ChromaGenerator:
-    """Runs the Chroma loop on a `ChromaForConditionalGeneration`. Stateless itself: state lives in
-    `ChromaGenerationState`, so one generator can serve many requests."""
+    """Runs the Chroma loop on a `ChromaForConditionalGeneration`. Holds settings only: per-request state lives in
+    `ChromaGenerationState`, so one generator can serve many requests.
+
+    audio_sampling: codebook 0; depth_sampling: codebooks 1..K-1 (defaults to audio_sampling, as published);
+    text_sampling: the thinker (greedy by default, as published); generator: the torch.Generator all draws use.
+    """
 
     def __init__(self, model, audio_sampling: SamplingParams = SamplingParams(),
-                 depth_sampling: Optional[SamplingParams] = None, generator: Optional[torch.Generator] = None):
+                 depth_sampling: Optional[SamplingParams] = None, text_sampling: SamplingParams = SamplingParams(),
+                 generator: Optional[torch.Generator] = None):
         self.model = model
         self.config = model.config
         self.audio_sampling = audio_sampling
         self.depth_sampling = depth_sampling if depth_sampling is not None else audio_sampling
+        self.text_sampling = text_sampling
         self.generator = generator
 
     # -- prefill -------------------------------------------------------------------------------------------------------
@@ -218,63 +318,46 @@ class ChromaGenerator:
             output_hidden_states=True,
             **kwargs,
         )
-        hidden = out.hidden_states[-1][:, -1]
-        first_id = out.logits[:, -1].argmax(-1)
+        hidden = out.hidden_states[-1][:, -1]  # post final norm: the lm_head input
+        first_id = sample_next_token(out.logits[:, -1], self.text_sampling, self.generator)
         return out.past_key_values, hidden, first_id, positions[:, -1] + 1
 
-    def build_prompt(self, input_ids, attention_mask, input_values, input_values_cutoffs, thinker_hidden, first_id):
-        """Backbone prompt per row, left-padded. -> (embeds [B, L, D], valid [B, L])."""
-        model, config = self.model, self.config
-        batch = thinker_hidden.shape[0]
-        device = thinker_hidden.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        ref_frames = [model.embed_frames(codes) for codes in self.encode_references(input_values, input_values_cutoffs)]
-        markers = model.embed_text(torch.tensor([config.text_start_token_id, config.text_end_token_id], device=device))
-        answer_start = torch.stack([thinker_hidden, model.embed_text(first_id)], dim=1)  # [B, 2, D]
-        rows = []
-        for b in range(batch):
-            text = model.embed_text(input_ids[b][attention_mask[b].bool()].to(device))
-            rows.append(torch.cat([
-                markers[:1], text, markers[1:],
-                ref_frames[b],
-                markers.new_zeros(1, markers.shape[-1]),  # end of the reference audio
-                answer_start[b],
-            ]))
-        return left_pad(rows)
-
-    def encode_references(self, input_values, cutoffs=None):
-        """Mimi codes of each row's reference clip, cut to its valid samples: a list of [F_b, K].
+    def voices_from_inputs(self, input_ids, attention_mask, input_values, cutoffs=None):
+        """Processor-style reference inputs -> one `ChromaVoice` per row.
 
         Each clip is encoded at its own length, as a solo request would be: Mimi's last (partial) frame depends on
         what follows the clip, so encoding right-padded rows together would change it. Rows of equal length share
         one encoder call."""
         batch = input_values.shape[0]
-        if cutoffs is None:
-            cutoffs = torch.full((batch,), input_values.shape[-1])
-        cutoffs = [int(c) for c in cutoffs]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        lengths = [int(c) for c in cutoffs] if cutoffs is not None else [input_values.shape[-1]] * batch
         codes = [None] * batch
-        for length in sorted(set(cutoffs)):
-            rows = [b for b in range(batch) if cutoffs[b] == length]
+        for length in sorted(set(lengths)):
+            rows = [b for b in range(batch) if lengths[b] == length]
             group = self.model.encode_audio(input_values[rows, :, :length])  # [len(rows), F, K]
             for i, b in enumerate(rows):
                 codes[b] = group[i]
-        return codes
+        return [ChromaVoice(text_ids=input_ids[b][attention_mask[b].bool()], codes=codes[b]) for b in range(batch)]
 
-    def start(self, inputs, max_new_tokens):
-        """Prefill everything. -> (state, first backbone input [B, L, D], its validity [B, L])."""
+    def start(self, inputs, max_new_tokens, reuse_voice_kv=False):
+        """Prefill everything. -> (state, first backbone input [B, L, D], its validity [B, L]).
+
+        The backbone prompt of row b is [voice prefix, h, E(t1)], left-padded. With reuse_voice_kv the voice
+        prefixes' keys/values come from the voices' caches and only the last two positions are run here."""
         model, config = self.model, self.config
         cache, hidden, first_id, next_pos = self.thinker_prefill(
             inputs["thinker_input_ids"], inputs.get("thinker_attention_mask"),
             inputs.get("thinker_input_features"), inputs.get("thinker_feature_attention_mask"),
         )
-        prompt, prompt_valid = self.build_prompt(
-            inputs["input_ids"], inputs.get("attention_mask"), inputs["input_values"],
-            inputs.get("input_values_cutoffs"), hidden, first_id,
+        voices = inputs.get("voices") or self.voices_from_inputs(
+            inputs["input_ids"], inputs.get("attention_mask"), inputs["input_values"], inputs.get("input_values_cutoffs")
         )
-        batch, device, dtype = prompt.shape[0], prompt.device, prompt.dtype
+        answer_start = torch.stack([hidden, model.embed_text(first_id)], dim=1)  # [B, 2, D]
+        prompt, valid = left_pad([torch.cat([v.prefix_embeddings(model), answer_start[b]]) for b, v in enumerate(voices)])
+        batch, length, device, dtype = prompt.shape[0], prompt.shape[1], prompt.device, prompt.dtype
         per_text = config.audio_frames_per_text_token
-        capacity = prompt.shape[1] + max_new_tokens + 2 * (max_new_tokens // per_text + 1)
+        capacity = length + max_new_tokens + 2 * (max_new_tokens // per_text + 1)
         thinker_mask = inputs.get("thinker_attention_mask")
         if thinker_mask is None:
             thinker_mask = torch.ones_like(inputs["thinker_input_ids"])
@@ -289,11 +372,23 @@ class ChromaGenerator:
             thinker_next_position=next_pos,
             thinker_alive=first_id != config.im_end_token_id,
             last_text_id=first_id,
+            text_count=torch.ones(batch, dtype=torch.long, device=device),
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
         )
         state.text_ids.append(first_id)
         state.text_valid.append(torch.ones(batch, dtype=torch.bool, device=device))
-        return state, prompt, prompt_valid
+        if not reuse_voice_kv:
+            return state, prompt, valid
+        prefix = length - 2
+        for b, voice in enumerate(voices):
+            kv = voice.prefix_kv(model)
+            for layer, (k, v) in enumerate(kv):
+                state.cache.keys[layer][b, :, prefix - k.shape[1]:prefix] = k
+                state.cache.values[layer][b, :, prefix - k.shape[1]:prefix] = v
+        state.slot_valid[:, :prefix] = valid[:, :prefix]
+        state.next_slot = prefix
+        state.next_position = valid[:, :prefix].long().sum(-1)
+        return state, prompt[:, prefix:], valid[:, prefix:]
 
     # -- one text step, one audio frame ------------------------------------------------------------------------------
 
@@ -316,10 +411,11 @@ class ChromaGenerator:
         )
         state.thinker_cache = out.past_key_values
         hidden = out.hidden_states[-1][:, -1]
-        next_id = out.logits[:, -1].argmax(-1)
+        next_id = sample_next_token(out.logits[:, -1], self.text_sampling, self.generator)
         state.thinker_next_position = state.thinker_next_position + alive.long()
         state.text_ids.append(next_id)
         state.text_valid.append(alive.clone())
+        state.text_count = state.text_count + alive.long()
         state.last_text_id = torch.where(alive, next_id, state.last_text_id)
         state.thinker_alive = alive & (next_id != config.im_end_token_id)
         pair = torch.stack([hidden, self.model.embed_text(next_id)], dim=1)
@@ -375,7 +471,8 @@ class ChromaGenerator:
         return frame
 
     def record_frame(self, state, frame):
-        """Keep the frame for unfinished rows; finish rows whose frame is the EOS frame."""
+        """Keep the frame for unfinished rows; finish rows whose frame is the EOS frame (kept unless all K codes are
+        the EOS value)."""
         config = self.config
         eos = (frame[:, : config.audio_num_codebooks - 1] == config.codebook_eos_token_id).all(-1)
         keep = ~state.finished & ~(eos & (frame == config.codebook_eos_token_id).all(-1))
@@ -402,21 +499,84 @@ class ChromaGenerator:
     # -- the loop --------------------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def generate(self, inputs, max_new_tokens):
-        state, embeds, valid = self.start(inputs, max_new_tokens)
-        for _ in range(max_new_tokens):
+    def stream(self, inputs, max_new_tokens, max_text_tokens=None, chunk_frames=(2, 4, 8), decode_audio=True,
+               stopping_criteria=(), cancel=None, reuse_voice_kv=False):
+        """Yield `ChromaChunk`s while generating; returns the final `ChromaGenerationState` (StopIteration.value).
+
+        chunk_frames: frames per chunk, one entry per chunk, the last repeated (default: 2, then 4, then 8).
+        stopping_criteria: callables `f(state) -> bool or BoolTensor [B]`; True finishes the row(s).
+        cancel: an object with `is_set()` (e.g. threading.Event); when set, generation ends after the current frame.
+        Closing the iterator also stops generation at once.
+        """
+        if isinstance(chunk_frames, int):
+            chunk_frames = (chunk_frames,)
+        if not chunk_frames or any(int(n) < 1 for n in chunk_frames):
+            raise ValueError(f"chunk_frames must be positive frame counts, got {chunk_frames!r}")
+        state, embeds, valid = self.start(inputs, max_new_tokens, reuse_voice_kv=reuse_voice_kv)
+        audio_decoder = codec_state = None
+        if decode_audio:
+            from .codec_chroma import MimiStreamingDecoder
+
+            audio_decoder = MimiStreamingDecoder(self.model.codec_model)
+            codec_state = audio_decoder.init_state(embeds.shape[0])
+        emitted_frames = emitted_text = chunk_index = 0
+        while True:
             frame = self.audio_step(state, embeds, valid)
             self.record_frame(state, frame)
-            if bool(state.finished.all()) or len(state.frames) == max_new_tokens:
-                break
+            self.apply_stops(state, max_text_tokens, stopping_criteria)
+            if cancel is not None and cancel.is_set():
+                state.cancelled = True
+            done = state.cancelled or len(state.frames) == max_new_tokens or bool(state.finished.all())
+            size = int(chunk_frames[min(chunk_index, len(chunk_frames) - 1)])
+            if done or len(state.frames) - emitted_frames >= size:
+                yield self.make_chunk(state, emitted_frames, emitted_text, audio_decoder, codec_state)
+                emitted_frames, emitted_text, chunk_index = len(state.frames), len(state.text_ids), chunk_index + 1
+            if done:
+                return state
             embeds, valid = self.next_input(state, frame)
-        return state
+
+    def apply_stops(self, state, max_text_tokens, stopping_criteria):
+        """Text limit (the thinker stops talking) and user criteria (the row's answer ends)."""
+        if max_text_tokens is not None:
+            state.thinker_alive = state.thinker_alive & (state.text_count < max_text_tokens)
+        for criterion in stopping_criteria:
+            verdict = criterion(state)
+            if isinstance(verdict, torch.Tensor):
+                state.finished = state.finished | verdict.to(state.finished.device).bool()
+            elif verdict:
+                state.finished = torch.ones_like(state.finished)
+
+    def make_chunk(self, state, frame_start, text_start, audio_decoder, codec_state) -> ChromaChunk:
+        frames = torch.stack(state.frames[frame_start:], dim=1)  # [B, n, K]
+        keep = torch.stack(state.frame_valid[frame_start:], dim=1)  # [B, n]
+        codes = torch.where(keep[..., None], frames, torch.zeros_like(frames))
+        texts = [[] for _ in range(frames.shape[0])]
+        for ids, ok in zip(state.text_ids[text_start:], state.text_valid[text_start:]):
+            for b in ok.nonzero().flatten().tolist():
+                texts[b].append(ids[b])
+        pcm = None
+        if audio_decoder is not None:
+            pcm = audio_decoder.decode_chunk(codes.transpose(1, 2), codec_state)
+        return ChromaChunk(
+            text_ids=[torch.stack(t) if t else frames.new_zeros(0) for t in texts],
+            audio_codes=codes, audio_valid=keep, pcm=pcm, finished=state.finished.clone(), frame_offset=frame_start,
+        )
+
+    def generate(self, inputs, max_new_tokens, **stream_kwargs):
+        """Run `stream()` to the end (no audio decode); -> the final state."""
+        stream_kwargs.setdefault("decode_audio", False)
+        stream_kwargs.setdefault("chunk_frames", (max_new_tokens,))
+        chunks = self.stream(inputs, max_new_tokens, **stream_kwargs)
+        while True:
+            try:
+                next(chunks)
+            except StopIteration as stop:
+                return stop.value
 
     def finalize(self, state) -> ChromaGenerateOutput:
         """Collect the state's frames and text into padded tensors."""
         config = self.config
-        batch = state.finished.shape[0]
-        device = state.finished.device
+        batch, device = state.finished.shape[0], state.finished.device
         k = config.audio_num_codebooks
         if state.frames:
             frames = torch.stack(state.frames, dim=1)  # [B, steps, K]
@@ -433,27 +593,31 @@ class ChromaGenerator:
         pad_id = config.thinker_config.pad_token_id or 0
         text_lengths = text_valid.sum(-1)
         text = torch.where(text_valid, text, torch.full_like(text, pad_id))[:, : int(text_lengths.max())]
+        reasons = ["cancelled" if state.cancelled and not done else "stop" if done else "length"
+                   for done in state.finished.tolist()]
         return ChromaGenerateOutput(
             sequences=sequences,
             audio_lengths=audio_lengths,
             text_sequences=text,
             text_lengths=text_lengths,
+            finish_reasons=reasons,
             logits=tuple(state.c0_logits),
             depth_logits=tuple(state.depth_logits),
         )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The model-facing entry point
+# The model-facing entry points
 # ----------------------------------------------------------------------------------------------------------------------
 
-# generate() defaults = the published generation settings (transformers 5.0.0rc0 GenerationConfig defaults).
+# Defaults = the published generation settings (transformers 5.0.0rc0 GenerationConfig defaults, max 1000 frames).
 DEFAULT_MAX_NEW_TOKENS = 1000
 
 
 class ChromaGenerationMixin:
-    """Adds `generate()` to `ChromaForConditionalGeneration`. Not transformers' GenerationMixin: Chroma's loop
-    interleaves three models, so it is written out in `ChromaGenerator` instead of hooked into private methods."""
+    """Adds `generate()`, `stream()` and `encode_voice()` to `ChromaForConditionalGeneration`. Not transformers'
+    GenerationMixin: Chroma's loop interleaves three models, so it is written out in `ChromaGenerator` instead of
+    hooked into private methods."""
 
     @torch.no_grad()
     def generate(
@@ -466,31 +630,122 @@ class ChromaGenerationMixin:
         thinker_attention_mask: Optional[torch.Tensor] = None,
         thinker_input_features: Optional[torch.Tensor] = None,
         thinker_feature_attention_mask: Optional[torch.Tensor] = None,
+        voice=None,
         max_new_tokens: Optional[int] = None,
+        max_text_tokens: Optional[int] = None,
         do_sample: Optional[bool] = None,
         temperature: Optional[float] = None,
         top_k: Optional[int] = None,
         top_p: Optional[float] = None,
+        depth_sampling: Optional[SamplingParams] = None,
+        text_sampling: Optional[SamplingParams] = None,
+        seed: Optional[int] = None,
         generator: Optional[torch.Generator] = None,
+        stopping_criteria=(),
+        streamer=None,
         return_dict_in_generate: bool = False,
         output_logits: bool = False,
         use_cache: bool = True,
         generation_config=None,
     ):
-        """Answer a conversation in the reference voice.
+        """Answer a conversation in a reference voice.
 
         Inputs are what `ChromaProcessor` returns (the official names): the thinker prompt (`thinker_input_ids`
         [B, S], `thinker_attention_mask`, Whisper `thinker_input_features` [B, 128, M] and their
         `thinker_feature_attention_mask` [B, M]) and the reference voice (`input_ids` [B, P] transcript,
-        `attention_mask`, `input_values` [B, 1, T] at 24 kHz, `input_values_cutoffs` [B] valid samples).
+        `attention_mask`, `input_values` [B, 1, T] at 24 kHz, `input_values_cutoffs` [B] valid samples) — or,
+        instead of the reference inputs, `voice`: a `ChromaVoice` (for every row) or a list of them.
 
-        max_new_tokens counts audio frames (80 ms each). Sampling (do_sample/temperature/top_k/top_p) applies to the
-        audio codes; text is greedy, as published. Returns codes [B, T, K] like the official code (so
-        `codec_model.decode(out.permute(0, 2, 1)).audio_values` works), or with `return_dict_in_generate=True` a
-        `ChromaGenerateOutput` that also carries the text ids and per-row lengths.
+        max_new_tokens counts audio frames (80 ms each); max_text_tokens caps the thinker's answer (it then stops
+        talking and the audio ends on its own). do_sample/temperature/top_k/top_p set the audio sampling (codebook 0
+        and, unless `depth_sampling` is given, the depth decoder); text is greedy unless `text_sampling` says
+        otherwise. `seed` or `generator` make sampling reproducible. `stopping_criteria`: callables
+        `f(state) -> bool | BoolTensor[B]`. `streamer`: an object with `put(chunk)` / `end()` receiving
+        `ChromaChunk`s (codes and text, no pcm) as they are produced.
+
+        Returns codes [B, T, K] like the official code (so `codec_model.decode(out.permute(0, 2, 1)).audio_values`
+        works), or with `return_dict_in_generate=True` a `ChromaGenerateOutput` that also carries the text ids,
+        per-row lengths and finish reasons.
         """
         if not use_cache:
             raise ValueError("Chroma generation always uses its KV caches; use_cache=False is not supported")
+        inputs = self._check_generate_inputs(
+            input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
+            input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
+            thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
+            thinker_feature_attention_mask=thinker_feature_attention_mask, voice=voice,
+        )
+        runner, max_new_tokens = self._make_generator(
+            generation_config, max_new_tokens, do_sample, temperature, top_k, top_p, depth_sampling, text_sampling,
+            seed, generator,
+        )
+        chunks = runner.stream(
+            inputs, max_new_tokens, max_text_tokens=max_text_tokens, decode_audio=False,
+            chunk_frames=(1,) if streamer is not None else (max_new_tokens,),
+            stopping_criteria=stopping_criteria, reuse_voice_kv=voice is not None,
+        )
+        while True:
+            try:
+                chunk = next(chunks)
+            except StopIteration as stop:
+                state = stop.value
+                break
+            if streamer is not None:
+                streamer.put(chunk)
+        if streamer is not None:
+            streamer.end()
+        output = runner.finalize(state)
+        if not output_logits:
+            output.logits = output.depth_logits = None
+        return output if return_dict_in_generate else output.sequences
+
+    @torch.no_grad()
+    def stream(
+        self,
+        input_ids=None, attention_mask=None, input_values=None, input_values_cutoffs=None, thinker_input_ids=None,
+        thinker_attention_mask=None, thinker_input_features=None, thinker_feature_attention_mask=None, voice=None,
+        max_new_tokens=None, max_text_tokens=None, chunk_frames=(2, 4, 8), decode_audio=True, do_sample=None,
+        temperature=None, top_k=None, top_p=None, depth_sampling=None, text_sampling=None, seed=None, generator=None,
+        stopping_criteria=(), cancel=None, generation_config=None,
+    ):
+        """Like `generate()`, but an iterator of `ChromaChunk`s: new text ids, new codes and their 24 kHz pcm.
+
+        The first chunk comes after `chunk_frames[0]` frames (2 by default = 160 ms of audio); later chunks follow
+        `chunk_frames` (last entry repeated). Stop early with `cancel.set()` or by closing the iterator.
+        Concatenated, the chunks hold exactly what `generate()` returns for the same inputs and seed.
+        """
+        inputs = self._check_generate_inputs(
+            input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
+            input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
+            thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
+            thinker_feature_attention_mask=thinker_feature_attention_mask, voice=voice,
+        )
+        runner, max_new_tokens = self._make_generator(
+            generation_config, max_new_tokens, do_sample, temperature, top_k, top_p, depth_sampling, text_sampling,
+            seed, generator,
+        )
+        yield from runner.stream(
+            inputs, max_new_tokens, max_text_tokens=max_text_tokens, chunk_frames=chunk_frames,
+            decode_audio=decode_audio, stopping_criteria=stopping_criteria, cancel=cancel,
+            reuse_voice_kv=voice is not None,
+        )
+
+    @torch.no_grad()
+    def encode_voice(self, input_values: torch.Tensor, input_ids: torch.Tensor, transcript: Optional[str] = None):
+        """Encode a reference voice once: 24 kHz waveform [T] / [1, T] / [1, 1, T] and its transcript ids [P] / [1, P]
+        -> `ChromaVoice` (reusable, saveable). `processor.encode_voice(audio, text)` builds both inputs."""
+        wave = input_values.reshape(1, 1, -1) if input_values.dim() < 3 else input_values
+        ids = input_ids.reshape(-1) if input_ids.dim() == 2 and input_ids.shape[0] == 1 else input_ids
+        if wave.shape[:2] != (1, 1) or ids.dim() != 1:
+            raise ValueError("encode_voice takes one voice: input_values [T] (24 kHz) and input_ids [P]")
+        if wave.shape[-1] == 0 or not bool(torch.isfinite(wave).all()):
+            raise ValueError("the reference audio is empty or contains NaN/Inf samples")
+        device = self.backbone.codebook0_head.weight.device
+        codes = self.encode_audio(wave.to(device))[0]
+        return ChromaVoice(text_ids=ids.to(device), codes=codes, transcript=transcript)
+
+    def _make_generator(self, generation_config, max_new_tokens, do_sample, temperature, top_k, top_p,
+                        depth_sampling, text_sampling, seed, generator):
         gen_cfg = generation_config if generation_config is not None else getattr(self, "generation_config", None)
 
         def setting(value, name, default):
@@ -500,56 +755,66 @@ class ChromaGenerationMixin:
             return configured if configured is not None else default
 
         max_new_tokens = setting(max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer (audio frames), got {max_new_tokens!r}")
-        sampling = SamplingParams(
+        audio = SamplingParams(
             do_sample=bool(setting(do_sample, "do_sample", False)),
             temperature=float(setting(temperature, "temperature", 1.0)),
             top_k=int(setting(top_k, "top_k", 50)),
             top_p=float(setting(top_p, "top_p", 1.0)),
         )
-        inputs = self._check_generate_inputs(
-            input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
-            input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
-            thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
-            thinker_feature_attention_mask=thinker_feature_attention_mask,
-        )
-        runner = ChromaGenerator(self, sampling, generator=generator)
-        output = runner.finalize(runner.generate(inputs, max_new_tokens))
-        if not output_logits:
-            output.logits = output.depth_logits = None
-        return output if return_dict_in_generate else output.sequences
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if seed is not None:
+            generator = torch.Generator(device=self.backbone.codebook0_head.weight.device).manual_seed(int(seed))
+        runner = ChromaGenerator(self, audio, depth_sampling=depth_sampling,
+                                 text_sampling=text_sampling or SamplingParams(), generator=generator)
+        return runner, max_new_tokens
 
-    def _check_generate_inputs(self, **inputs):
+    def _check_generate_inputs(self, voice=None, **inputs):
         """Validate shapes and move everything to the model's device."""
-        required = ("input_ids", "input_values", "thinker_input_ids")
-        missing = [name for name in required if inputs.get(name) is None]
-        if missing:
-            raise ValueError(
-                f"generate() needs {', '.join(missing)}: pass what ChromaProcessor returns (a conversation plus "
-                "prompt_audio and prompt_text for the voice)"
-            )
-        if inputs["input_values"].dim() != 3 or inputs["input_values"].shape[1] != 1:
-            raise ValueError(f"input_values must be [B, 1, T] (24 kHz mono), got {tuple(inputs['input_values'].shape)}")
+        if inputs.get("thinker_input_ids") is None:
+            raise ValueError("generate() needs thinker_input_ids: pass what ChromaProcessor returns for the conversation")
         batch = inputs["thinker_input_ids"].shape[0]
+        device = self.backbone.codebook0_head.weight.device
+        if voice is not None:
+            voices = list(voice) if isinstance(voice, (list, tuple)) else [voice] * batch
+            if len(voices) != batch or not all(isinstance(v, ChromaVoice) for v in voices):
+                raise ValueError(f"voice must be a ChromaVoice or a list of {batch} ChromaVoice")
+            if inputs.get("input_values") is not None or inputs.get("input_ids") is not None:
+                raise ValueError("pass either voice or the reference inputs (input_ids/input_values), not both")
+        else:
+            missing = [name for name in ("input_ids", "input_values") if inputs.get(name) is None]
+            if missing:
+                raise ValueError(
+                    f"generate() needs {', '.join(missing)} (the reference voice: prompt_text and prompt_audio in "
+                    "ChromaProcessor) or a `voice=` from encode_voice()"
+                )
+            values = inputs["input_values"]
+            if values.dim() != 3 or values.shape[1] != 1:
+                raise ValueError(f"input_values must be [B, 1, T] (24 kHz mono), got {tuple(values.shape)}")
+            if values.shape[-1] == 0:
+                raise ValueError("input_values is empty: the reference voice needs at least one sample")
+            if not bool(torch.isfinite(values).all()):
+                raise ValueError("input_values contains NaN or Inf samples")
+            cutoffs = inputs["input_values_cutoffs"]
+            if cutoffs is not None and (cutoffs.dim() != 1 or bool((cutoffs < 1).any())
+                                        or bool((cutoffs > values.shape[-1]).any())):
+                raise ValueError(
+                    f"input_values_cutoffs must be [B] sample counts in 1..{values.shape[-1]}, got {cutoffs.tolist()}"
+                )
         for name, value in inputs.items():
             if value is not None and value.shape[0] != batch:
                 raise ValueError(f"{name} has batch size {value.shape[0]}, thinker_input_ids has {batch}")
-        if inputs["input_values"].shape[-1] == 0:
-            raise ValueError("input_values is empty: the reference voice needs at least one sample")
-        if not bool(torch.isfinite(inputs["input_values"]).all()):
-            raise ValueError("input_values contains NaN or Inf samples")
-        cutoffs = inputs["input_values_cutoffs"]
-        if cutoffs is not None and (cutoffs.dim() != 1 or bool((cutoffs < 1).any())
-                                    or bool((cutoffs > inputs["input_values"].shape[-1]).any())):
-            raise ValueError(
-                f"input_values_cutoffs must be [B] sample counts in 1..{inputs['input_values'].shape[-1]}, "
-                f"got {cutoffs.tolist()}"
-            )
         if (inputs["thinker_input_features"] is None) != (inputs["thinker_feature_attention_mask"] is None):
             raise ValueError("thinker_input_features and thinker_feature_attention_mask go together")
-        device = self.backbone.codebook0_head.weight.device
-        return {k: (v.to(device) if v is not None else None) for k, v in inputs.items()}
+        moved = {k: (v.to(device) if v is not None else None) for k, v in inputs.items()}
+        if voice is not None:
+            moved["voices"] = voices
+        return moved
 
 
-__all__ = ["ChromaGenerator", "ChromaGenerateOutput", "ChromaGenerationState", "SamplingParams", "sample_next_token"]
+__all__ = [
+    "ChromaChunk", "ChromaGenerator", "ChromaGenerateOutput", "ChromaGenerationState", "ChromaVoice",
+    "SamplingParams", "sample_next_token",
+]
