@@ -220,6 +220,7 @@ class ChromaGenerationState:
     thinker_alive: torch.Tensor  # [B] bool: still talking (no <|im_end|>, under max_text_tokens)
     last_text_id: torch.Tensor  # [B] the id the thinker reads at its next step
     text_count: torch.Tensor  # [B] text ids produced so far
+    forced_text: Optional[torch.Tensor]  # [B, N + 1] the text to speak, <|im_end|>-padded (None: the thinker answers)
     # outputs so far
     finished: torch.Tensor  # [B] bool: row's answer is complete (EOS frame, stopping criterion or cancel)
     text_ids: List[torch.Tensor] = field(default_factory=list)  # each [B]
@@ -353,6 +354,11 @@ class ChromaGenerator:
         voices = inputs.get("voices") or self.voices_from_inputs(
             inputs["input_ids"], inputs.get("attention_mask"), inputs["input_values"], inputs.get("input_values_cutoffs")
         )
+        forced = inputs.get("forced_text_ids")
+        if forced is not None:  # speak a given text: the thinker reads it instead of choosing its own words
+            forced = torch.cat([forced, forced.new_full((forced.shape[0], 1), -1)], dim=1)
+            forced = torch.where(forced < 0, torch.full_like(forced, config.im_end_token_id), forced)
+            first_id = forced[:, 0]
         answer_start = torch.stack([hidden, model.embed_text(first_id)], dim=1)  # [B, 2, D]
         prompt, valid = left_pad([torch.cat([v.prefix_embeddings(model), answer_start[b]]) for b, v in enumerate(voices)])
         batch, length, device, dtype = prompt.shape[0], prompt.shape[1], prompt.device, prompt.dtype
@@ -373,6 +379,7 @@ class ChromaGenerator:
             thinker_alive=first_id != config.im_end_token_id,
             last_text_id=first_id,
             text_count=torch.ones(batch, dtype=torch.long, device=device),
+            forced_text=forced,
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
         )
         state.text_ids.append(first_id)
@@ -411,7 +418,11 @@ class ChromaGenerator:
         )
         state.thinker_cache = out.past_key_values
         hidden = out.hidden_states[-1][:, -1]
-        next_id = sample_next_token(out.logits[:, -1], self.text_sampling, self.generator)
+        if state.forced_text is None:
+            next_id = sample_next_token(out.logits[:, -1], self.text_sampling, self.generator)
+        else:
+            index = state.text_count.clamp(max=state.forced_text.shape[1] - 1)
+            next_id = state.forced_text.gather(1, index[:, None])[:, 0]
         state.thinker_next_position = state.thinker_next_position + alive.long()
         state.text_ids.append(next_id)
         state.text_valid.append(alive.clone())
@@ -631,6 +642,7 @@ class ChromaGenerationMixin:
         thinker_input_features: Optional[torch.Tensor] = None,
         thinker_feature_attention_mask: Optional[torch.Tensor] = None,
         voice=None,
+        forced_text_ids=None,
         max_new_tokens: Optional[int] = None,
         max_text_tokens: Optional[int] = None,
         do_sample: Optional[bool] = None,
@@ -655,6 +667,8 @@ class ChromaGenerationMixin:
         `thinker_feature_attention_mask` [B, M]) and the reference voice (`input_ids` [B, P] transcript,
         `attention_mask`, `input_values` [B, 1, T] at 24 kHz, `input_values_cutoffs` [B] valid samples) — or,
         instead of the reference inputs, `voice`: a `ChromaVoice` (for every row) or a list of them.
+        `forced_text_ids` (a list of 1-D id tensors, or [B, N] padded with -1) makes the model speak that text:
+        the thinker is fed these ids (then <|im_end|>) instead of choosing its own (text-to-speech).
 
         max_new_tokens counts audio frames (80 ms each); max_text_tokens caps the thinker's answer (it then stops
         talking and the audio ends on its own). do_sample/temperature/top_k/top_p set the audio sampling (codebook 0
@@ -674,6 +688,7 @@ class ChromaGenerationMixin:
             input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
             thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
             thinker_feature_attention_mask=thinker_feature_attention_mask, voice=voice,
+            forced_text_ids=forced_text_ids,
         )
         runner, max_new_tokens = self._make_generator(
             generation_config, max_new_tokens, do_sample, temperature, top_k, top_p, depth_sampling, text_sampling,
@@ -704,7 +719,7 @@ class ChromaGenerationMixin:
         self,
         input_ids=None, attention_mask=None, input_values=None, input_values_cutoffs=None, thinker_input_ids=None,
         thinker_attention_mask=None, thinker_input_features=None, thinker_feature_attention_mask=None, voice=None,
-        max_new_tokens=None, max_text_tokens=None, chunk_frames=(2, 4, 8), decode_audio=True, do_sample=None,
+        forced_text_ids=None, max_new_tokens=None, max_text_tokens=None, chunk_frames=(2, 4, 8), decode_audio=True, do_sample=None,
         temperature=None, top_k=None, top_p=None, depth_sampling=None, text_sampling=None, seed=None, generator=None,
         stopping_criteria=(), cancel=None, generation_config=None,
     ):
@@ -719,6 +734,7 @@ class ChromaGenerationMixin:
             input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
             thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
             thinker_feature_attention_mask=thinker_feature_attention_mask, voice=voice,
+            forced_text_ids=forced_text_ids,
         )
         runner, max_new_tokens = self._make_generator(
             generation_config, max_new_tokens, do_sample, temperature, top_k, top_p, depth_sampling, text_sampling,
@@ -771,7 +787,7 @@ class ChromaGenerationMixin:
                                  text_sampling=text_sampling or SamplingParams(), generator=generator)
         return runner, max_new_tokens
 
-    def _check_generate_inputs(self, voice=None, **inputs):
+    def _check_generate_inputs(self, voice=None, forced_text_ids=None, **inputs):
         """Validate shapes and move everything to the model's device."""
         if inputs.get("thinker_input_ids") is None:
             raise ValueError("generate() needs thinker_input_ids: pass what ChromaProcessor returns for the conversation")
@@ -804,14 +820,31 @@ class ChromaGenerationMixin:
                     f"input_values_cutoffs must be [B] sample counts in 1..{values.shape[-1]}, got {cutoffs.tolist()}"
                 )
         for name, value in inputs.items():
-            if value is not None and value.shape[0] != batch:
+            # Whisper features hold one row per audio clip (any number per conversation), not one per conversation
+            if value is not None and value.shape[0] != batch and not name.startswith("thinker_input_features") \
+                    and name != "thinker_feature_attention_mask":
                 raise ValueError(f"{name} has batch size {value.shape[0]}, thinker_input_ids has {batch}")
         if (inputs["thinker_input_features"] is None) != (inputs["thinker_feature_attention_mask"] is None):
             raise ValueError("thinker_input_features and thinker_feature_attention_mask go together")
         moved = {k: (v.to(device) if v is not None else None) for k, v in inputs.items()}
         if voice is not None:
             moved["voices"] = voices
+        if forced_text_ids is not None:
+            moved["forced_text_ids"] = self._pad_forced_text(forced_text_ids, batch).to(device)
         return moved
+
+    @staticmethod
+    def _pad_forced_text(forced_text_ids, batch):
+        if isinstance(forced_text_ids, torch.Tensor) and forced_text_ids.dim() == 2:
+            rows = [r[r >= 0] for r in forced_text_ids]
+        else:
+            rows = [torch.as_tensor(r, dtype=torch.long).reshape(-1) for r in forced_text_ids]
+        if len(rows) != batch or any(r.numel() == 0 for r in rows):
+            raise ValueError(f"forced_text_ids needs one non-empty id sequence per row ({batch} rows)")
+        padded = torch.full((batch, max(r.numel() for r in rows)), -1, dtype=torch.long)
+        for b, r in enumerate(rows):
+            padded[b, : r.numel()] = r
+        return padded
 
 
 __all__ = [

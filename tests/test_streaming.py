@@ -166,3 +166,19 @@ def test_streamer_put_and_end():
     codes = ref.model().generate(**ref.inputs, max_new_tokens=6, streamer=streamer)
     assert streamer.ended and len(streamer.chunks) == 6
     assert torch.cat([c.audio_codes for c in streamer.chunks], 1).tolist() == codes.tolist()
+
+
+def test_forced_text_is_spoken_in_order():
+    """Text-to-speech: the thinker is fed the given ids, then <|im_end|>; rows of different lengths batch."""
+    ref = reference("reference_tiny")
+    model = ref.model()
+    words = [torch.tensor([11, 12, 13]), torch.tensor([21])]
+    batch = {k: torch.cat([v, v]) for k, v in ref.inputs.items()}
+    out = model.generate(**batch, forced_text_ids=words, max_new_tokens=10, return_dict_in_generate=True)
+    im_end = model.config.im_end_token_id
+    assert out.text_sequences[0, : out.text_lengths[0]].tolist() == [11, 12, 13, im_end]
+    assert out.text_sequences[1, : out.text_lengths[1]].tolist() == [21, im_end]
+    solo = model.generate(**ref.inputs, forced_text_ids=[words[1]], max_new_tokens=10)
+    assert out.sequences[1, : solo.shape[1]].tolist() == solo[0].tolist()
+    with pytest.raises(ValueError, match="forced_text_ids"):
+        model.generate(**ref.inputs, forced_text_ids=[torch.tensor([], dtype=torch.long)], max_new_tokens=2)
