@@ -123,7 +123,9 @@ def sample_next_token(logits: torch.Tensor, params: SamplingParams, generator=No
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    # a categorical draw as argmax(p / E), E ~ Exp(1): no host sync (torch.multinomial checks its input on the host)
+    noise = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / noise).argmax(dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -214,8 +216,8 @@ class ChromaGenerationState:
     next_position: torch.Tensor  # [B] RoPE position of the row's next real token
     depth_cache: ChromaKVCache  # K slots, overwritten every frame
     # thinker
-    thinker_cache: object  # transformers Cache
-    thinker_mask: torch.Tensor  # [B, S + steps] 2-D attention mask
+    thinker_cache: object  # ChromaThinkerCache (fast path) or the transformers Cache (reference path)
+    thinker_mask: torch.Tensor  # [B, S (+ steps on the reference path)] 2-D attention mask
     thinker_next_position: torch.Tensor  # [B]
     thinker_alive: torch.Tensor  # [B] bool: still talking (no <|im_end|>, under max_text_tokens)
     last_text_id: torch.Tensor  # [B] the id the thinker reads at its next step
@@ -230,6 +232,7 @@ class ChromaGenerationState:
     c0_logits: List[torch.Tensor] = field(default_factory=list)  # each [B, V]
     depth_logits: List[torch.Tensor] = field(default_factory=list)  # each [B, K-1, V]
     cancelled: bool = False
+    thinker_may_talk: bool = True  # host-side hint: some row's thinker was alive at the last sync
 
 
 @dataclass
@@ -289,13 +292,15 @@ class ChromaGenerator:
 
     def __init__(self, model, audio_sampling: SamplingParams = SamplingParams(),
                  depth_sampling: Optional[SamplingParams] = None, text_sampling: SamplingParams = SamplingParams(),
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, static_thinker: bool = True):
         self.model = model
         self.config = model.config
         self.audio_sampling = audio_sampling
         self.depth_sampling = depth_sampling if depth_sampling is not None else audio_sampling
         self.text_sampling = text_sampling
         self.generator = generator
+        # text steps on a preallocated cache (fast path) or through the transformers thinker forward (reference)
+        self.thinker_decoder = model.thinker_decoder() if static_thinker else None
 
     # -- prefill -------------------------------------------------------------------------------------------------------
 
@@ -382,8 +387,12 @@ class ChromaGenerator:
             forced_text=forced,
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
         )
+        if self.thinker_decoder is not None:
+            text_steps = max_new_tokens // per_text + 2
+            state.thinker_cache = self.thinker_decoder.init_cache(cache, thinker_mask, thinker_mask.shape[1] + text_steps)
         state.text_ids.append(first_id)
         state.text_valid.append(torch.ones(batch, dtype=torch.bool, device=device))
+        state.thinker_may_talk = bool(state.thinker_alive.any())
         if not reuse_voice_kv:
             return state, prompt, valid
         prefix = length - 2
@@ -406,20 +415,22 @@ class ChromaGenerator:
         alive = state.thinker_alive
         pad_id = config.thinker_config.pad_token_id or 0
         ids = torch.where(alive, state.last_text_id, torch.full_like(state.last_text_id, pad_id))
-        state.thinker_mask = torch.cat([state.thinker_mask, alive[:, None].to(state.thinker_mask.dtype)], dim=1)
-        positions = state.thinker_next_position[None, :, None].expand(3, -1, 1)
-        out = thinker(
-            input_ids=ids[:, None],
-            attention_mask=state.thinker_mask,
-            position_ids=positions,
-            past_key_values=state.thinker_cache,
-            use_cache=True,
-            output_hidden_states=True,
-        )
-        state.thinker_cache = out.past_key_values
-        hidden = out.hidden_states[-1][:, -1]
+        if self.thinker_decoder is not None:
+            hidden, logits = self.thinker_decoder.step(state.thinker_cache, ids, state.thinker_next_position, alive)
+        else:
+            state.thinker_mask = torch.cat([state.thinker_mask, alive[:, None].to(state.thinker_mask.dtype)], dim=1)
+            out = thinker(
+                input_ids=ids[:, None],
+                attention_mask=state.thinker_mask,
+                position_ids=state.thinker_next_position[None, :, None].expand(3, -1, 1),
+                past_key_values=state.thinker_cache,
+                use_cache=True,
+                output_hidden_states=True,
+            )
+            state.thinker_cache = out.past_key_values
+            hidden, logits = out.hidden_states[-1][:, -1], out.logits[:, -1]
         if state.forced_text is None:
-            next_id = sample_next_token(out.logits[:, -1], self.text_sampling, self.generator)
+            next_id = sample_next_token(logits, self.text_sampling, self.generator)
         else:
             index = state.text_count.clamp(max=state.forced_text.shape[1] - 1)
             next_id = state.forced_text.gather(1, index[:, None])[:, 0]
@@ -496,7 +507,8 @@ class ChromaGenerator:
         frame_embed = self.model.embed_frames(frame)[:, None]  # [B, 1, D]
         frame_valid = torch.ones(frame.shape[0], 1, dtype=torch.bool, device=frame.device)
         due = len(state.frames) % self.config.audio_frames_per_text_token == 0
-        if not (due and bool(state.thinker_alive.any())):
+        # thinker_may_talk is refreshed at sync points; a stale True costs one masked thinker step, never a result
+        if not (due and state.thinker_may_talk):
             return frame_embed, frame_valid
         pair, has_pair = self.text_step(state)
         # rows with a pair: [frame, h, E(t)]; rows without: [pad, pad, frame] (left padding keeps the last slot real)
@@ -511,13 +523,15 @@ class ChromaGenerator:
 
     @torch.no_grad()
     def stream(self, inputs, max_new_tokens, max_text_tokens=None, chunk_frames=(2, 4, 8), decode_audio=True,
-               stopping_criteria=(), cancel=None, reuse_voice_kv=False):
+               stopping_criteria=(), cancel=None, reuse_voice_kv=False, sync_every=None):
         """Yield `ChromaChunk`s while generating; returns the final `ChromaGenerationState` (StopIteration.value).
 
         chunk_frames: frames per chunk, one entry per chunk, the last repeated (default: 2, then 4, then 8).
         stopping_criteria: callables `f(state) -> bool or BoolTensor [B]`; True finishes the row(s).
         cancel: an object with `is_set()` (e.g. threading.Event); when set, generation ends after the current frame.
         Closing the iterator also stops generation at once.
+        sync_every: frames between checks of the end of every row (a device sync); chunk boundaries always check.
+        Frames generated after a row's end are never part of its output, so this changes speed, not results.
         """
         if isinstance(chunk_frames, int):
             chunk_frames = (chunk_frames,)
@@ -530,6 +544,8 @@ class ChromaGenerator:
 
             audio_decoder = MimiStreamingDecoder(self.model.codec_model)
             codec_state = audio_decoder.init_state(embeds.shape[0])
+        if sync_every is None:  # the CPU has nothing to overlap; on an accelerator, host syncs stall the queue
+            sync_every = 1 if embeds.device.type == "cpu" else 4
         emitted_frames = emitted_text = chunk_index = 0
         while True:
             frame = self.audio_step(state, embeds, valid)
@@ -537,9 +553,14 @@ class ChromaGenerator:
             self.apply_stops(state, max_text_tokens, stopping_criteria)
             if cancel is not None and cancel.is_set():
                 state.cancelled = True
-            done = state.cancelled or len(state.frames) == max_new_tokens or bool(state.finished.all())
             size = int(chunk_frames[min(chunk_index, len(chunk_frames) - 1)])
-            if done or len(state.frames) - emitted_frames >= size:
+            boundary = len(state.frames) - emitted_frames >= size
+            done = state.cancelled or len(state.frames) == max_new_tokens
+            if not done and (boundary or len(state.frames) % sync_every == 0):
+                # the only device->host syncs: whether every row ended, and whether any thinker still talks
+                done = bool(state.finished.all())
+                state.thinker_may_talk = bool(state.thinker_alive.any())
+            if done or boundary:
                 yield self.make_chunk(state, emitted_frames, emitted_text, audio_decoder, codec_state)
                 emitted_frames, emitted_text, chunk_index = len(state.frames), len(state.text_ids), chunk_index + 1
             if done:

@@ -277,6 +277,91 @@ class ChromaDecoderForCausalLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The thinker's text decode step on a preallocated cache
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class ChromaThinkerCache:
+    """Preallocated thinker keys/values [B, H_kv, capacity, head_dim] per layer plus the slot validity [B, capacity]."""
+
+    def __init__(self, keys, values, valid, length):
+        self.keys, self.values, self.valid, self.length = keys, values, valid, length
+
+
+class ChromaThinkerDecoder:
+    """One-token decode steps of the thinker's text model, reading the thinker's own weights.
+
+    The prompt (with its audio features) still goes through the transformers thinker; its KV cache is then copied into
+    preallocated buffers and every later text step runs here: a plain Qwen2 decoder layer (q/k/v with bias, RoPE,
+    RMSNorm, SwiGLU) with explicit per-row positions. For Chroma's audio/text prompts the three M-RoPE sections share
+    one position, which is ordinary RoPE. `tests/test_fast_path.py` checks it against the transformers forward.
+    """
+
+    def __init__(self, thinker):
+        text_model = thinker.get_decoder()
+        if not hasattr(text_model, "layers"):  # transformers 5.0: the thinker itself is returned
+            text_model = thinker.model
+        self.text_model = text_model
+        self.lm_head = thinker.lm_head
+        config = thinker.config.text_config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.inv_freq = text_model.rotary_emb.inv_freq
+        self.attention_scaling = getattr(text_model.rotary_emb, "attention_scaling", 1.0)
+
+    def init_cache(self, prefill_cache, attention_mask, capacity) -> ChromaThinkerCache:
+        """Copy a transformers prefill cache (S positions, mask [B, S]) into buffers of `capacity` slots."""
+        length = attention_mask.shape[1]
+        keys, values = [], []
+        for layer in prefill_cache.layers[: len(self.text_model.layers)]:
+            k = layer.keys.new_zeros(layer.keys.shape[0], layer.keys.shape[1], capacity, layer.keys.shape[-1])
+            v = torch.zeros_like(k)
+            k[:, :, :length], v[:, :, :length] = layer.keys, layer.values
+            keys.append(k)
+            values.append(v)
+        valid = torch.zeros(attention_mask.shape[0], capacity, dtype=torch.bool, device=attention_mask.device)
+        valid[:, :length] = attention_mask.bool()
+        return ChromaThinkerCache(keys, values, valid, length)
+
+    def step(self, cache: ChromaThinkerCache, ids, positions, valid):
+        """ids [B], positions [B], valid [B] (False: a padding slot for rows that stopped talking)
+        -> post-norm hidden [B, D] and logits [B, V]."""
+        slot = cache.length
+        if slot >= cache.valid.shape[1]:
+            raise ValueError("thinker cache overflow")
+        cache.valid[:, slot] = valid
+        cache.length = slot + 1
+        x = self.text_model.embed_tokens(ids[:, None])  # [B, 1, D]
+        freqs = positions[:, None, None].float() * self.inv_freq.float()  # [B, 1, hd/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(x.dtype)[:, None]  # [B, 1, 1, hd]
+        sin = (emb.sin() * self.attention_scaling).to(x.dtype)[:, None]
+        # a padding query attends to itself only (finite, unused); real queries to their row's real slots
+        mask = cache.valid[:, None, None, : slot + 1].clone()
+        mask[..., slot] = True
+        bsz = ids.shape[0]
+        for i, layer in enumerate(self.text_model.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(bsz, 1, self.num_heads, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(h).view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(h).view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = q * cos + rotate_half(q) * sin
+            k = k * cos + rotate_half(k) * sin
+            cache.keys[i][:, :, slot:slot + 1] = k
+            cache.values[i][:, :, slot:slot + 1] = v
+            groups = self.num_heads // self.num_kv_heads
+            keys = cache.keys[i][:, :, : slot + 1].repeat_interleave(groups, dim=1)
+            vals = cache.values[i][:, :, : slot + 1].repeat_interleave(groups, dim=1)
+            out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=attn.scaling)
+            x = x + attn.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        hidden = self.text_model.norm(x)[:, 0]
+        return hidden, self.lm_head(hidden)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The composite model
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -369,6 +454,10 @@ class ChromaForConditionalGeneration(ChromaGenerationMixin, ChromaPreTrainedMode
         self.decoder.audio_embedding.embed_audio_tokens.weight = self.backbone.audio_embedding.embed_audio_tokens.weight
         self.codec_model = MimiModel(config.codec_config)
         self.post_init()
+
+    def thinker_decoder(self) -> ChromaThinkerDecoder:
+        """The thinker's one-token decode step on a preallocated cache (used by generation after the prompt)."""
+        return ChromaThinkerDecoder(self.thinker)
 
     # -- embeddings ----------------------------------------------------------------------------------------------------
 

@@ -173,3 +173,27 @@ def save_tiny_processor(folder) -> ChromaProcessor:
 
 
 __all__ = ["build_tiny_tokenizer", "build_tiny_feature_extractor", "build_tiny_processor", "save_tiny_processor"]
+
+
+def build_tiny_model(seed: int = 0):
+    """A tiny random `ChromaForConditionalGeneration` (ChromaConfig.tiny()), float32, eval mode, same weights for the
+    same seed. It outputs noise. Mimi's codebooks are learned buffers that a fresh model leaves at zero (every code
+    would decode to the same sound), so they are randomised here, as the official fixtures do; the caller's RNG is
+    left untouched."""
+    import torch
+
+    from .configuration_chroma import ChromaConfig
+    from .modeling_chroma import ChromaForConditionalGeneration
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = ChromaForConditionalGeneration(ChromaConfig.tiny())
+        with torch.no_grad():
+            for name, buffer in model.codec_model.named_buffers():
+                if name.endswith("codebook.embed_sum"):
+                    buffer.normal_()
+                elif name.endswith("codebook.cluster_usage"):
+                    buffer.uniform_(0.5, 1.5)
+                elif name.endswith("codebook.initialized"):
+                    buffer.fill_(1.0)
+    return model.eval()

@@ -84,9 +84,10 @@ def test_tiny_config_matches_fixture_sizes():
             assert a[key] == b[key], (sub, key)
 
 
-HUB_FILES = ["configuration_chroma.py", "modeling_chroma.py", "generation_chroma.py"]
+HUB_FILES = ["configuration_chroma.py", "modeling_chroma.py", "generation_chroma.py", "codec_chroma.py"]
 ALLOWED = {"torch", "transformers", "numpy", "math", "dataclasses", "typing", "collections", "functools", "itertools",
-           "contextlib", "warnings", "logging", "copy", "os", "re", "json", "io", "abc", "enum", "threading", "time"}
+           "contextlib", "warnings", "logging", "copy", "os", "re", "json", "io", "abc", "enum", "threading", "time",
+           "weakref"}
 
 
 @pytest.mark.parametrize("name", HUB_FILES)

@@ -152,7 +152,7 @@ def test_eos_frames_stop_rows_and_fill_the_rest():
     runner = ScriptedEOS(model, {(0, 2): 17, (1, 4): 0})
     state = runner.generate(inputs, 10)
     out = runner.finalize(state)
-    assert len(state.frames) == 5  # generation stopped once every row finished
+    assert len(state.frames) == 5  # generation stopped once every row finished (CPU checks every frame)
     assert out.audio_lengths.tolist() == [3, 4]
     assert out.sequences.shape == (2, 4, 8)
     assert out.sequences[0, 2].tolist() == [0] * 7 + [17]

@@ -182,3 +182,19 @@ def test_forced_text_is_spoken_in_order():
     assert out.sequences[1, : solo.shape[1]].tolist() == solo[0].tolist()
     with pytest.raises(ValueError, match="forced_text_ids"):
         model.generate(**ref.inputs, forced_text_ids=[torch.tensor([], dtype=torch.long)], max_new_tokens=2)
+
+
+def test_streamed_pcm_equals_one_shot_decode():
+    """Concatenated chunk audio == decoding all codes at once. The streaming Mimi decoder carries its convolution
+    and attention state, so only float32 summation order differs: tolerance 1e-5 of the signal's peak (measured
+    ~5e-7; dropping the carried state errs by > 0.1, see tests/test_codec_streaming.py)."""
+    ref = reference("reference_tiny")
+    model = ref.model()
+    rows = [ref.inputs, variant_inputs(ref, seed=5)]
+    chunks = list(model.stream(**batch_of(rows), max_new_tokens=11, chunk_frames=(1, 3, 4)))
+    pcm = torch.cat([c.pcm for c in chunks], dim=1)
+    codes = torch.cat([c.audio_codes for c in chunks], dim=1)
+    with torch.no_grad():
+        one_shot = model.codec_model.decode(codes.permute(0, 2, 1)).audio_values[:, 0]
+    assert pcm.shape == one_shot.shape == (2, 11 * model.config.audio_frame_freq)
+    assert (pcm - one_shot).abs().max() <= 1e-5 * one_shot.abs().max()
