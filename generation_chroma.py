@@ -49,7 +49,14 @@ class ChromaKVCache:
         self.capacity = capacity
 
     def write(self, layer_idx, start, key, value):
-        """Store key/value [B, H_kv, L, head_dim] at slots start..start+L; return the filled prefix of the buffers."""
+        """Store key/value [B, H_kv, L, head_dim] at slots start..start+L; return the filled prefix of the buffers.
+
+        With `start` a LongTensor of the L slot indices (the static-shape path), the whole buffers are returned so
+        every step has the same shapes (the attention mask then hides the unused slots)."""
+        if isinstance(start, torch.Tensor):
+            self.keys[layer_idx].index_copy_(2, start, key)
+            self.values[layer_idx].index_copy_(2, start, value)
+            return self.keys[layer_idx], self.values[layer_idx]
         end = start + key.shape[2]
         if end > self.capacity:
             raise ValueError(f"KV cache overflow: {end} slots needed, capacity {self.capacity}")
@@ -292,7 +299,7 @@ class ChromaGenerator:
 
     def __init__(self, model, audio_sampling: SamplingParams = SamplingParams(),
                  depth_sampling: Optional[SamplingParams] = None, text_sampling: SamplingParams = SamplingParams(),
-                 generator: Optional[torch.Generator] = None, static_thinker: bool = True):
+                 generator: Optional[torch.Generator] = None, static_thinker: bool = True, compile: bool = False):
         self.model = model
         self.config = model.config
         self.audio_sampling = audio_sampling
@@ -301,6 +308,12 @@ class ChromaGenerator:
         self.generator = generator
         # text steps on a preallocated cache (fast path) or through the transformers thinker forward (reference)
         self.thinker_decoder = model.thinker_decoder() if static_thinker else None
+        # opt-in: the one-frame step through torch.compile (CUDA graphs on a GPU); the eager loop is the reference
+        self.compiled_frame_step = None
+        if compile:
+            device = model.backbone.codebook0_head.weight.device
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            self.compiled_frame_step = torch.compile(self.frame_step, mode=mode, dynamic=False)
 
     # -- prefill -------------------------------------------------------------------------------------------------------
 
@@ -393,6 +406,9 @@ class ChromaGenerator:
         state.text_ids.append(first_id)
         state.text_valid.append(torch.ones(batch, dtype=torch.bool, device=device))
         state.thinker_may_talk = bool(state.thinker_alive.any())
+        if self.compiled_frame_step is not None:  # CUDA graphs may keep the caches at fixed addresses
+            for buffer in state.cache.keys + state.cache.values + state.depth_cache.keys + state.depth_cache.values:
+                torch._dynamo.mark_static_address(buffer)
         if not reuse_voice_kv:
             return state, prompt, valid
         prefix = length - 2
@@ -446,15 +462,27 @@ class ChromaGenerator:
     def backbone_step(self, state, embeds, valid):
         """Append embeds [B, L, D] (valid [B, L]) to the backbone. -> post-norm hidden [B, D] and codebook-0 logits
         [B, V] at the last slot."""
-        length = embeds.shape[1]
+        hidden, logits = self.model.backbone(embeds, *self.backbone_step_inputs(state, valid, static=False))
+        return hidden[:, -1], logits[:, -1]
+
+    def backbone_step_inputs(self, state, valid, static):
+        """Book-keeping of one backbone step: -> (positions [B, L], attention mask, cache, cache slot(s)).
+
+        Eager path: attention over the filled prefix of the cache. Static path (compiled step): over the whole
+        cache with a [B, 1, L, capacity] mask, slots given as a tensor, so every step has the same shapes."""
+        length = valid.shape[1]
         start = state.next_slot
         state.slot_valid[:, start:start + length] = valid
-        positions = state.next_position[:, None] + valid.long().cumsum(-1) - 1
+        positions = (state.next_position[:, None] + valid.long().cumsum(-1) - 1).clamp(min=0)
         state.next_position = state.next_position + valid.long().sum(-1)
         state.next_slot = start + length
-        mask = padding_causal_mask(state.slot_valid[:, : state.next_slot], length)
-        hidden, logits = self.model.backbone(embeds, positions.clamp(min=0), mask, state.cache, start)
-        return hidden[:, -1], logits[:, -1]
+        if not static:
+            return positions, padding_causal_mask(state.slot_valid[:, : state.next_slot], length), state.cache, start
+        slots = torch.arange(start, start + length, device=valid.device)
+        keys = torch.arange(state.slot_valid.shape[1], device=valid.device)
+        mask = (keys[None, :] <= slots[:, None])[None] & state.slot_valid[:, None, :]
+        mask = mask | (keys[None, :] == slots[:, None])[None]
+        return positions, mask[:, None], state.cache, slots
 
     def depth_step(self, state, backbone_hidden, c0):
         """Codebooks 1..K-1 for one frame. -> frame [B, K] and raw logits [B, K-1, V].
@@ -462,35 +490,59 @@ class ChromaGenerator:
         Positions reproduce the official inference: the backbone state and A(c0) are both at position 0, then
         A(c_k) at position k (the 8 inputs sit at [0, 0, 1, ..., K-2])."""
         decoder, config = self.model.decoder, self.config
-        batch = c0.shape[0]
+        cos, sin = self.depth_rope(backbone_hidden)  # [1, K, hd] for positions [0, 0, 1, ..., K-2]
         inputs = torch.stack([backbone_hidden, decoder.audio_embedding(c0, 0)], dim=1)  # [B, 2, D]
-        positions = torch.zeros(batch, 2, dtype=torch.long, device=c0.device)
         codes, all_logits = [c0], []
-        hidden = decoder(inputs, positions, None, state.depth_cache, 0)[:, -1]
+        hidden = decoder(inputs, None, None, state.depth_cache, 0, rope=(cos[:, :2], sin[:, :2]))[:, -1]
         for k in range(1, config.audio_num_codebooks):
             if k > 1:
                 step_input = decoder.audio_embedding(codes[-1], k - 1)[:, None]
-                positions = torch.full((batch, 1), k - 1, dtype=torch.long, device=c0.device)
-                hidden = decoder(step_input, positions, None, state.depth_cache, k)[:, -1]
+                rope = (cos[:, k:k + 1], sin[:, k:k + 1])
+                hidden = decoder(step_input, None, None, state.depth_cache, k, rope=rope)[:, -1]
             logits = decoder.codebook_logits(hidden, k)
             all_logits.append(logits)
             codes.append(self.choose_code(logits, self.depth_sampling))
         return torch.stack(codes, dim=-1), torch.stack(all_logits, dim=1)
 
+    def depth_rope(self, like):
+        """(cos, sin) [1, K, head_dim] of the depth decoder's inference positions [0, 0, 1, ..., K-2], computed once
+        per device and dtype (they are the same every frame)."""
+        key = (like.device, like.dtype)
+        if getattr(self, "_depth_rope_key", None) != key:
+            k = self.config.audio_num_codebooks
+            positions = torch.cat([torch.zeros(1), torch.arange(k - 1)]).long().to(like.device)[None]
+            self._depth_rope = self.model.decoder.model.rotary_emb(positions, like.dtype)
+            self._depth_rope_key = key
+        return self._depth_rope
+
     def choose_code(self, logits, params):
         """Sample a Mimi code: values >= codebook_size (2048..2050) are never chosen, so Mimi can decode every frame."""
-        logits = logits.float().clone()
-        logits[..., self.config.codebook_size:] = float("-inf")
-        return sample_next_token(logits, params, self.generator)
+        return sample_next_token(logits[..., : self.config.codebook_size], params, self.generator)
 
     def audio_step(self, state, embeds, valid):
-        """One backbone step plus the depth loop. -> frame [B, K]."""
-        hidden, c0_logits = self.backbone_step(state, embeds, valid)
-        c0 = self.choose_code(c0_logits, self.audio_sampling)
-        frame, depth_logits = self.depth_step(state, hidden, c0)
+        """One backbone step plus the depth loop. -> frame [B, K].
+
+        The prompt step always runs eagerly; later steps (1 or 3 new positions) use the compiled one-frame step when
+        the generator was built with compile=True."""
+        if self.compiled_frame_step is None or embeds.shape[1] > 3:
+            hidden, c0_logits = self.backbone_step(state, embeds, valid)
+            c0 = self.choose_code(c0_logits, self.audio_sampling)
+            frame, depth_logits = self.depth_step(state, hidden, c0)
+        else:
+            positions, mask, cache, slots = self.backbone_step_inputs(state, valid, static=True)
+            frame, c0_logits, depth_logits = self.compiled_frame_step(state, embeds, positions, mask, slots)
         state.c0_logits.append(c0_logits)
         state.depth_logits.append(depth_logits)
         return frame
+
+    def frame_step(self, state, embeds, positions, mask, slots):
+        """The one-frame step with fixed shapes (what compile=True compiles): backbone over the whole cache, codebook
+        0, depth loop. -> frame [B, K], codebook-0 logits [B, V], depth logits [B, K-1, V]."""
+        hidden, logits = self.model.backbone(embeds, positions, mask, state.cache, slots)
+        c0_logits = logits[:, -1]
+        c0 = self.choose_code(c0_logits, self.audio_sampling)
+        frame, depth_logits = self.depth_step(state, hidden[:, -1], c0)
+        return frame, c0_logits, depth_logits
 
     def record_frame(self, state, frame):
         """Keep the frame for unfinished rows; finish rows whose frame is the EOS frame (kept unless all K codes are

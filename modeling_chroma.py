@@ -98,11 +98,9 @@ class ChromaRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, hidden_states):
-        input_dtype = hidden_states.dtype
-        hidden_states = hidden_states.to(torch.float32)
-        variance = hidden_states.pow(2).mean(-1, keepdim=True)
-        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
-        return self.weight * hidden_states.to(input_dtype)
+        # normalise in float32, scale in the input dtype (as Llama does)
+        normed = F.rms_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.variance_epsilon)
+        return self.weight * normed.to(hidden_states.dtype)
 
 
 class ChromaMLP(nn.Module):
@@ -145,15 +143,13 @@ class ChromaAttention(nn.Module):
             k, v = cache.write(self.layer_idx, cache_start, k, v)
         if attention_mask is None and length not in (1, k.shape[2]):
             raise ValueError("several new positions after cached ones need an explicit attention_mask")
-        groups = self.num_heads // self.num_kv_heads
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(
             q, k, v,
             attn_mask=attention_mask,
             # without a mask: causal over L new positions, or one query that sees the whole cache
             is_causal=attention_mask is None and length > 1,
             dropout_p=self.attention_dropout if self.training else 0.0,
+            enable_gqa=self.num_heads != self.num_kv_heads,
         )
         return self.o_proj(out.transpose(1, 2).reshape(bsz, length, -1))
 
@@ -187,13 +183,14 @@ class ChromaTransformer(nn.Module):
         self.rotary_emb = ChromaRotaryEmbedding(config)
         self.gradient_checkpointing = False
 
-    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cache_start=0):
+    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cache_start=0, rope=None):
         """inputs_embeds [B, L, D], position_ids [B, L] -> hidden [B, L, D].
 
         attention_mask: [B, 1, L, L_kv] bool or None (causal over the L inputs; only valid without padding).
         cache: a `ChromaKVCache`; the L inputs are written at slots cache_start..cache_start+L.
+        rope: optional (cos, sin) already computed for position_ids by `rotary_emb` (saves work in hot loops).
         """
-        cos, sin = self.rotary_emb(position_ids, inputs_embeds.dtype)
+        cos, sin = rope if rope is not None else self.rotary_emb(position_ids, inputs_embeds.dtype)
         hidden_states = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
@@ -267,9 +264,9 @@ class ChromaDecoderForCausalLM(nn.Module):
             config.audio_num_codebooks, config.vocab_size, config.audio_embedding_dim
         )
 
-    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cache_start=0):
+    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cache_start=0, rope=None):
         """inputs_embeds [B, L, audio_embedding_dim] (unprojected) -> post-norm hidden [B, L, Dd]."""
-        return self.model(self.projection(inputs_embeds), position_ids, attention_mask, cache, cache_start)
+        return self.model(self.projection(inputs_embeds), position_ids, attention_mask, cache, cache_start, rope)
 
     def codebook_logits(self, hidden, codebook_index):
         """hidden [..., Dd] at the position that predicts codebook `codebook_index` (1..K-1) -> logits [..., V]."""

@@ -1,5 +1,6 @@
 """The fast path equals the readable reference path (issue 5)."""
 
+import pytest
 import torch
 
 from conftest import reference
@@ -41,3 +42,43 @@ def test_fewer_host_syncs_same_output():
         assert torch.equal(out.sequences, baseline.sequences)
         assert out.audio_lengths.tolist() == baseline.audio_lengths.tolist() == [3, 4]
         assert len(state.frames) == min(12, -(-5 // sync_every) * sync_every)  # stops at the first check after
+
+
+def test_static_shape_step_equals_eager_step():
+    """The fixed-shape one-frame step (what compile=True compiles: whole-cache attention with a mask, slot indices as
+    a tensor), run eagerly, reproduces the reference loop on a padded batch with a thinker stop."""
+    ref = reference("reference_tiny_stop")
+    model = ref.model()
+    inputs = batch_of([ref.inputs, variant_inputs(ref, seed=7)])
+    static = ChromaGenerator(model)
+    static.compiled_frame_step = static.frame_step  # the static path without the compiler
+    fast = run(static, inputs, 14)
+    reference_out = run(ChromaGenerator(model, static_thinker=False), inputs, 14)
+    assert torch.equal(fast.sequences, reference_out.sequences)
+    assert torch.equal(fast.text_sequences, reference_out.text_sequences)
+    for a, b in zip(fast.logits, reference_out.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager_on_cpu():
+    """torch.compile of the one-frame step (inductor on CPU here; CUDA graphs on a GPU) gives the same codes.
+    Slow (compilation takes minutes on 2 cores): run with `pytest tests -m slow`."""
+    ref = reference("reference_tiny")
+    model = ref.model()
+    compiled = run(ChromaGenerator(model, compile=True), ref.inputs, ref.num_frames)
+    assert compiled.sequences[0].tolist() == ref.expected["gen_codes"].tolist()
+
+
+@pytest.mark.gpu
+def test_compiled_step_equals_eager_on_cuda():
+    """The CUDA-graph path (reduce-overhead) against the eager loop, float32 on a GPU: run with `pytest tests -m gpu`."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    ref = reference("reference_tiny")
+    model = ref.model().to("cuda")
+    inputs = {k: v.to("cuda") for k, v in ref.inputs.items()}
+    eager = run(ChromaGenerator(model), inputs, ref.num_frames)
+    compiled = run(ChromaGenerator(model, compile=True), inputs, ref.num_frames)
+    assert torch.equal(eager.sequences.cpu(), compiled.sequences.cpu())
+    model.to("cpu")
