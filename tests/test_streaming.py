@@ -198,3 +198,29 @@ def test_streamed_pcm_equals_one_shot_decode():
         one_shot = model.codec_model.decode(codes.permute(0, 2, 1)).audio_values[:, 0]
     assert pcm.shape == one_shot.shape == (2, 11 * model.config.audio_frame_freq)
     assert (pcm - one_shot).abs().max() <= 1e-5 * one_shot.abs().max()
+
+
+def test_multi_turn_keeps_history_and_voice():
+    """Turn 2 re-reads turn 1 (question and the model's own answer text) and speaks in the same cached voice."""
+    import soundfile as sf
+
+    from openchroma.tiny_chroma import build_tiny_model, build_tiny_processor
+    from test_end_to_end import EXAMPLES
+
+    model, processor = build_tiny_model(3), build_tiny_processor()
+    voice_wave, rate = sf.read(str(EXAMPLES / "voice.wav"), dtype="float32")
+    voice_inputs = processor([[{"role": "user", "content": "x"}]], prompt_audio=[(voice_wave, rate)],
+                             prompt_text=["Hi, I am Nova. I love to read books by the sea."])
+    voice = model.encode_voice(voice_inputs["input_values"][0, 0, : int(voice_inputs["input_values_cutoffs"][0])],
+                               voice_inputs["input_ids"][0])
+    history = [{"role": "user", "content": "What is the capital of France?"}]
+    first = model.generate(**processor(history), voice=voice, max_new_tokens=8, max_text_tokens=4,
+                           return_dict_in_generate=True)
+    answer = processor.batch_decode(first.text_sequences[:, : int(first.text_lengths[0])])[0]
+    history += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And of Spain?"}]
+    second_inputs = processor(history)
+    second = model.generate(**second_inputs, voice=voice, max_new_tokens=8, return_dict_in_generate=True)
+    prompt = processor.batch_decode(second_inputs["thinker_input_ids"], skip_special_tokens=False)[0]
+    assert "What is the capital of France?" in prompt and "And of Spain?" in prompt
+    assert answer in prompt
+    assert second.sequences.shape[0] == 1 and second.text_lengths[0] >= 1
