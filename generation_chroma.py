@@ -658,36 +658,39 @@ class ChromaGenerator:
                 return stop.value
 
     def finalize(self, state) -> ChromaGenerateOutput:
-        """Collect the state's frames and text into padded tensors."""
-        config = self.config
-        batch, device = state.finished.shape[0], state.finished.device
-        k = config.audio_num_codebooks
-        if state.frames:
-            frames = torch.stack(state.frames, dim=1)  # [B, steps, K]
-            keep = torch.stack(state.frame_valid, dim=1)  # [B, steps]
-        else:
-            frames = torch.zeros(batch, 0, k, dtype=torch.long, device=device)
-            keep = torch.zeros(batch, 0, dtype=torch.bool, device=device)
-        audio_lengths = keep.sum(-1)
-        # kept frames are a prefix of each row (rows only stop), so masking is enough
-        longest = int(audio_lengths.max()) if audio_lengths.numel() else 0
-        sequences = torch.where(keep[..., None], frames, torch.zeros_like(frames))[:, :longest]
-        text = torch.stack(state.text_ids, dim=1)
-        text_valid = torch.stack(state.text_valid, dim=1)
-        pad_id = config.thinker_config.pad_token_id or 0
-        text_lengths = text_valid.sum(-1)
-        text = torch.where(text_valid, text, torch.full_like(text, pad_id))[:, : int(text_lengths.max())]
-        reasons = ["cancelled" if state.cancelled and not done else "stop" if done else "length"
-                   for done in state.finished.tolist()]
-        return ChromaGenerateOutput(
-            sequences=sequences,
-            audio_lengths=audio_lengths,
-            text_sequences=text,
-            text_lengths=text_lengths,
-            finish_reasons=reasons,
-            logits=tuple(state.c0_logits),
-            depth_logits=tuple(state.depth_logits),
-        )
+        return collect_output(state, self.config)
+
+
+def collect_output(state, config) -> ChromaGenerateOutput:
+    """Collect a finished state's frames and text into padded tensors."""
+    batch, device = state.finished.shape[0], state.finished.device
+    k = config.audio_num_codebooks
+    if state.frames:
+        frames = torch.stack(state.frames, dim=1)  # [B, steps, K]
+        keep = torch.stack(state.frame_valid, dim=1)  # [B, steps]
+    else:
+        frames = torch.zeros(batch, 0, k, dtype=torch.long, device=device)
+        keep = torch.zeros(batch, 0, dtype=torch.bool, device=device)
+    audio_lengths = keep.sum(-1)
+    # kept frames are a prefix of each row (rows only stop), so masking is enough
+    longest = int(audio_lengths.max()) if audio_lengths.numel() else 0
+    sequences = torch.where(keep[..., None], frames, torch.zeros_like(frames))[:, :longest]
+    text = torch.stack(state.text_ids, dim=1)
+    text_valid = torch.stack(state.text_valid, dim=1)
+    pad_id = config.thinker_config.pad_token_id or 0
+    text_lengths = text_valid.sum(-1)
+    text = torch.where(text_valid, text, torch.full_like(text, pad_id))[:, : int(text_lengths.max())]
+    reasons = ["cancelled" if state.cancelled and not done else "stop" if done else "length"
+               for done in state.finished.tolist()]
+    return ChromaGenerateOutput(
+        sequences=sequences,
+        audio_lengths=audio_lengths,
+        text_sequences=text,
+        text_lengths=text_lengths,
+        finish_reasons=reasons,
+        logits=tuple(state.c0_logits),
+        depth_logits=tuple(state.depth_logits),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -756,21 +759,16 @@ class ChromaGenerationMixin:
         """
         if not use_cache:
             raise ValueError("Chroma generation always uses its KV caches; use_cache=False is not supported")
-        inputs = self._check_generate_inputs(
+        chunks = self.stream(
             input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
             input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
             thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
             thinker_feature_attention_mask=thinker_feature_attention_mask, voice=voice,
-            forced_text_ids=forced_text_ids,
-        )
-        runner, max_new_tokens = self._make_generator(
-            generation_config, max_new_tokens, do_sample, temperature, top_k, top_p, depth_sampling, text_sampling,
-            seed, generator,
-        )
-        chunks = runner.stream(
-            inputs, max_new_tokens, max_text_tokens=max_text_tokens, decode_audio=False,
-            chunk_frames=(1,) if streamer is not None else (max_new_tokens,),
-            stopping_criteria=stopping_criteria, reuse_voice_kv=voice is not None,
+            forced_text_ids=forced_text_ids, max_new_tokens=max_new_tokens, max_text_tokens=max_text_tokens,
+            chunk_frames=1 if streamer is not None else 8, decode_audio=False, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, depth_sampling=depth_sampling,
+            text_sampling=text_sampling, seed=seed, generator=generator, stopping_criteria=stopping_criteria,
+            generation_config=generation_config,
         )
         while True:
             try:
@@ -782,7 +780,7 @@ class ChromaGenerationMixin:
                 streamer.put(chunk)
         if streamer is not None:
             streamer.end()
-        output = runner.finalize(state)
+        output = collect_output(state, self.config)
         if not output_logits:
             output.logits = output.depth_logits = None
         return output if return_dict_in_generate else output.sequences
@@ -792,7 +790,8 @@ class ChromaGenerationMixin:
         self,
         input_ids=None, attention_mask=None, input_values=None, input_values_cutoffs=None, thinker_input_ids=None,
         thinker_attention_mask=None, thinker_input_features=None, thinker_feature_attention_mask=None, voice=None,
-        forced_text_ids=None, max_new_tokens=None, max_text_tokens=None, chunk_frames=(2, 4, 8), decode_audio=True, do_sample=None,
+        forced_text_ids=None, max_new_tokens=None, max_text_tokens=None, chunk_frames=(2, 4, 8), decode_audio=True,
+        do_sample=None,
         temperature=None, top_k=None, top_p=None, depth_sampling=None, text_sampling=None, seed=None, generator=None,
         stopping_criteria=(), cancel=None, generation_config=None,
     ):
@@ -800,7 +799,8 @@ class ChromaGenerationMixin:
 
         The first chunk comes after `chunk_frames[0]` frames (2 by default = 160 ms of audio); later chunks follow
         `chunk_frames` (last entry repeated). Stop early with `cancel.set()` or by closing the iterator.
-        Concatenated, the chunks hold exactly what `generate()` returns for the same inputs and seed.
+        Concatenated, the chunks hold exactly what `generate()` returns for the same inputs and seed. The iterator's
+        return value (StopIteration.value) is the final `ChromaGenerationState`.
         """
         inputs = self._check_generate_inputs(
             input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
@@ -813,11 +813,11 @@ class ChromaGenerationMixin:
             generation_config, max_new_tokens, do_sample, temperature, top_k, top_p, depth_sampling, text_sampling,
             seed, generator,
         )
-        yield from runner.stream(
+        return (yield from runner.stream(
             inputs, max_new_tokens, max_text_tokens=max_text_tokens, chunk_frames=chunk_frames,
             decode_audio=decode_audio, stopping_criteria=stopping_criteria, cancel=cancel,
             reuse_voice_kv=voice is not None,
-        )
+        ))
 
     @torch.no_grad()
     def encode_voice(self, input_values: torch.Tensor, input_ids: torch.Tensor, transcript: Optional[str] = None):
