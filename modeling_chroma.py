@@ -130,15 +130,14 @@ class ChromaAttention(nn.Module):
         self.attention_dropout = config.attention_dropout
 
     def forward(self, hidden_states, cos, sin, attention_mask, cache=None, cache_start=0):
-        """hidden_states [B, L, D]; cos/sin [B, L, hd]; attention_mask [B, 1, L, L_kv] bool (True = attend), or None
-        for causal attention over the L inputs alone (or, with L = 1, over the whole cache)."""
+        """hidden_states [B, L, D]; cos/sin [B, 1, L, hd]; attention_mask [B, 1, L, L_kv] bool (True = attend), or
+        None for causal attention over the L inputs alone (or, with L = 1, over the whole cache)."""
         bsz, length, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(hidden_states).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(hidden_states).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        qk = torch.cat([q, k], dim=1)  # RoPE on queries and keys in one go: [B, H + H_kv, L, hd]
+        q, k = (qk * cos + rotate_half(qk) * sin).split([self.num_heads, self.num_kv_heads], dim=1)
         if cache is not None:
             k, v = cache.write(self.layer_idx, cache_start, k, v)
         if attention_mask is None and length not in (1, k.shape[2]):
@@ -191,6 +190,7 @@ class ChromaTransformer(nn.Module):
         rope: optional (cos, sin) already computed for position_ids by `rotary_emb` (saves work in hot loops).
         """
         cos, sin = rope if rope is not None else self.rotary_emb(position_ids, inputs_embeds.dtype)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, L, hd]: broadcast over heads
         hidden_states = inputs_embeds
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
