@@ -382,6 +382,8 @@ class ChromaGenerator:
         batch, length, device, dtype = prompt.shape[0], prompt.shape[1], prompt.device, prompt.dtype
         per_text = config.audio_frames_per_text_token
         capacity = length + max_new_tokens + 2 * (max_new_tokens // per_text + 1)
+        if self.compiled_frame_step is not None:  # fixed shapes across requests: no recompilation per request length
+            capacity = -(-capacity // CACHE_BUCKET) * CACHE_BUCKET
         thinker_mask = inputs.get("thinker_attention_mask")
         if thinker_mask is None:
             thinker_mask = torch.ones_like(inputs["thinker_input_ids"])
@@ -696,6 +698,9 @@ def collect_output(state, config) -> ChromaGenerateOutput:
 # ----------------------------------------------------------------------------------------------------------------------
 # The model-facing entry points
 # ----------------------------------------------------------------------------------------------------------------------
+
+# Cache capacities of the compiled path are rounded up to a multiple of this many slots.
+CACHE_BUCKET = 512
 
 # Defaults = the published generation settings (transformers 5.0.0rc0 GenerationConfig defaults, max 1000 frames).
 DEFAULT_MAX_NEW_TOKENS = 1000

@@ -113,15 +113,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed_stream(model, inputs, frames, decode_audio=True, **kwargs):
-    """-> (seconds to the first chunk, seconds per frame after it, frames)."""
+def timed_stream(model, inputs, frames, decode_audio=True, runner=None, **kwargs):
+    """-> (seconds to the first chunk, seconds per frame after it, frames). `runner`: a ChromaGenerator to use
+    (e.g. a compiled one, kept across calls) instead of `model.stream`."""
     device = model.backbone.codebook0_head.weight.device
+    forced = long_text(inputs["thinker_input_ids"].shape[0], frames)
+    if runner is None:
+        chunks = model.stream(**inputs, max_new_tokens=frames, decode_audio=decode_audio, chunk_frames=(2, 4, 8),
+                              forced_text_ids=forced, **kwargs)
+    else:
+        checked = model._check_generate_inputs(**inputs, forced_text_ids=forced)
+        chunks = runner.stream(checked, frames, decode_audio=decode_audio, chunk_frames=(2, 4, 8))
     sync(device)
     start = time.perf_counter()
     first = None
     count = 0
-    for chunk in model.stream(**inputs, max_new_tokens=frames, decode_audio=decode_audio, chunk_frames=(2, 4, 8),
-                              forced_text_ids=long_text(inputs["thinker_input_ids"].shape[0], frames), **kwargs):
+    for chunk in chunks:
         count += chunk.audio_codes.shape[1]
         if first is None:
             sync(device)
@@ -192,7 +199,7 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def worker(size, device_name, dtype_name, frames, repeats):
+def worker(size, device_name, dtype_name, frames, repeats, compile_step=False):
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     torch.manual_seed(0)
     t = time.perf_counter()
@@ -218,6 +225,14 @@ def worker(size, device_name, dtype_name, frames, repeats):
     result["fps_b1"] = 1 / per_frame_codes
     result["fps_b8"] = batch / per_step8
     result["b8_over_b1"] = result["fps_b8"] / result["fps_b1"]
+    if compile_step:
+        from openchroma import ChromaGenerator
+
+        runner = ChromaGenerator(model, compile=True)
+        t = time.perf_counter()
+        timed_stream(model, inputs, frames, decode_audio=False, runner=runner)  # compiles (two graphs)
+        result["compile_s"] = time.perf_counter() - t
+        result["per_frame_compiled_s"] = timed_stream(model, inputs, frames, decode_audio=False, runner=runner)[1]
     result["peak_rss_gib"] = peak_rss_gib()
     if device.type == "cuda":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -271,7 +286,7 @@ def run_child(args):
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def machine_description(device):
+def machine_description(device, threads=None):
     import transformers
 
     cpu = platform.processor() or platform.machine()
@@ -281,23 +296,25 @@ def machine_description(device):
     except (OSError, StopIteration):
         pass
     return (f"{datetime.date.today()} · {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({torch.get_num_threads()} threads), transformers {transformers.__version__}, device {device}")
+            f"({threads or torch.get_num_threads()} threads), transformers {transformers.__version__}, device {device}")
 
 
-def write_results(results, load, device, path):
-    lines = [f"\n## {machine_description(device)}\n"]
+def write_results(results, load, device, path, threads=None):
+    lines = [f"\n## {machine_description(device, threads)}\n"]
     if results:
         lines += [
             "| size | dtype | params (B) | s/frame (codes) | floor s/frame | ratio | s/frame (+audio) | RTF | "
-            "first audio (s) | first audio, cached voice (s) | frames/s b1 | frames/s b8 | b8/b1 | peak RAM GiB |"
-            + (" peak GPU GiB |" if device == "cuda" else ""),
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if device == "cuda" else ""),
+            "first audio (s) | first audio, cached voice (s) | frames/s b1 | frames/s b8 | b8/b1 | peak RAM GiB | "
+            "s/frame compiled |" + (" peak GPU GiB |" if device == "cuda" else ""),
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if device == "cuda" else ""),
         ]
         for r in results:
             row = (f"| {r['size']} | {r['dtype']} | {r['params_b']:.2f} | {r['per_frame_no_decode_s']:.4f} | "
                    f"{r['floor_floor_s']:.4f} | {r['per_frame_over_floor']:.2f} | {r['per_frame_s']:.4f} | "
                    f"{r['rtf']:.2f} | {r['ttfa_s']:.3f} | {r['ttfa_cached_voice_s']:.3f} | {r['fps_b1']:.1f} | "
-                   f"{r['fps_b8']:.1f} | {r['b8_over_b1']:.2f} | {r['peak_rss_gib']:.2f} |")
+                   f"{r['fps_b8']:.1f} | {r['b8_over_b1']:.2f} | {r['peak_rss_gib']:.2f} | "
+                   + (f"{r['per_frame_compiled_s']:.4f} (compile {r['compile_s']:.0f} s) |"
+                      if "per_frame_compiled_s" in r else "– |"))
             if device == "cuda":
                 row += f" {r.get('peak_gpu_gib', 0):.2f} |"
             lines.append(row)
@@ -349,13 +366,17 @@ def main():
     parser.add_argument("--load-test", action="store_true", help="also measure from_pretrained peak RAM at full size")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--plot", default=str(ROOT / "figures" / "decode_speed.png"))
-    parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd one-frame step")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--load-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--save-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
-        size, device, dtype, frames, repeats = args.worker
-        return worker(size, device, dtype, int(frames), int(repeats))
+        size, device, dtype, frames, repeats, compile_step = args.worker
+        return worker(size, device, dtype, int(frames), int(repeats), compile_step == "1")
     if args.load_worker:
         return load_worker(*args.load_worker)
     if args.save_worker:
@@ -368,7 +389,10 @@ def main():
         frames = args.frames or default_frames[size]
         size_dtype = "bfloat16" if size == "full" and args.dtype is None else dtype
         print(f"running {size} ({args.device}, {size_dtype}, {frames} frames) ...", file=sys.stderr)
-        results.append(run_child(["--worker", size, args.device, size_dtype, str(frames), str(args.repeats)]))
+        child = ["--worker", size, args.device, size_dtype, str(frames), str(args.repeats), str(int(args.compile))]
+        if args.threads:
+            child = ["--threads", str(args.threads)] + child
+        results.append(run_child(child))
         print(json.dumps(results[-1], indent=1), file=sys.stderr)
     load = None
     if args.load_test:
@@ -379,7 +403,7 @@ def main():
             load = run_child(["--load-worker", folder, "bfloat16"])
             load["dtype"] = "bfloat16"
             print(json.dumps(load, indent=1), file=sys.stderr)
-    write_results(results, load, args.device, args.results)
+    write_results(results, load, args.device, args.results, args.threads)
     if results:
         plot(results, args.plot)
 
