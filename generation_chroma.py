@@ -594,9 +594,7 @@ class ChromaGenerator:
         state, embeds, valid = self.start(inputs, max_new_tokens, reuse_voice_kv=reuse_voice_kv)
         audio_decoder = codec_state = None
         if decode_audio:
-            from .codec_chroma import MimiStreamingDecoder
-
-            audio_decoder = MimiStreamingDecoder(self.model.codec_model)
+            audio_decoder = self.model.streaming_audio_decoder()
             codec_state = audio_decoder.init_state(embeds.shape[0])
         if sync_every is None:  # the CPU has nothing to overlap; on an accelerator, host syncs stall the queue
             sync_every = 1 if embeds.device.type == "cpu" else 4

@@ -35,6 +35,7 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
+from .codec_chroma import MimiStreamingDecoder
 from .configuration_chroma import ChromaBackboneConfig, ChromaConfig, ChromaDecoderConfig
 from .generation_chroma import ChromaGenerationMixin, padding_causal_mask
 
@@ -451,6 +452,14 @@ class ChromaForConditionalGeneration(ChromaGenerationMixin, ChromaPreTrainedMode
         self.decoder.audio_embedding.embed_audio_tokens.weight = self.backbone.audio_embedding.embed_audio_tokens.weight
         self.codec_model = MimiModel(config.codec_config)
         self.post_init()
+
+    def get_input_embeddings(self):
+        """The thinker's token table (it also embeds text for the backbone)."""
+        return self.thinker.get_input_embeddings()
+
+    def streaming_audio_decoder(self) -> MimiStreamingDecoder:
+        """A Mimi decoder that carries its state between chunks (see codec_chroma.py)."""
+        return MimiStreamingDecoder(self.codec_model)
 
     def thinker_decoder(self) -> ChromaThinkerDecoder:
         """The thinker's one-token decode step on a preallocated cache (used by generation after the prompt)."""

@@ -162,11 +162,15 @@ def floor_per_frame(model, frames, repeats):
     def backbone():
         model.backbone(x, pos, mask, bb, length)
 
+    from openchroma import ChromaGenerator
+
+    cos, sin = ChromaGenerator(model, static_thinker=False).depth_rope(d2)  # the positions table generation uses
+
     def depth_steps():
-        h = model.decoder(d2, torch.zeros(1, 2, dtype=torch.long, device=device), None, depth, 0)
+        h = model.decoder(d2, None, None, depth, 0, rope=(cos[:, :2], sin[:, :2]))
         model.decoder.codebook_logits(h[:, -1], 1)
         for k in range(2, config.audio_num_codebooks):
-            h = model.decoder(d_in, torch.full((1, 1), k - 1, device=device), None, depth, k)
+            h = model.decoder(d_in, None, None, depth, k, rope=(cos[:, k:k + 1], sin[:, k:k + 1]))
             model.decoder.codebook_logits(h[:, -1], k)
 
     t_cache = ChromaThinkerCache([kv.clone() for _ in range(t_layers)], [kv.clone() for _ in range(t_layers)],
