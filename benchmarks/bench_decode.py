@@ -252,11 +252,22 @@ def load_worker(folder, dtype_name):
     t = time.perf_counter()
     model = ChromaForConditionalGeneration.from_pretrained(folder, dtype=getattr(torch, dtype_name))
     seconds = time.perf_counter() - t
+    # safetensors tensors may still be lazily mapped from the file: touch every 4 KiB page so they count in RSS
+    with torch.no_grad():
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            flat = tensor.detach().reshape(-1)
+            step = max(1, 4096 // tensor.element_size())
+            flat[::step].float().sum().item()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     weight_bytes += sum(b.numel() * b.element_size() for b in model.buffers())
     result = {"load_s": seconds, "weights_gib": weight_bytes / 2**30, "rss_before_gib": before,
               "peak_rss_gib": peak_rss_gib(), "vision_params": sum(1 for n, _ in model.named_parameters() if "visual" in n)}
     result["peak_over_weights"] = (result["peak_rss_gib"] - before) / result["weights_gib"]
+    status = Path("/proc/self/status").read_text() if Path("/proc/self/status").exists() else ""
+    for field in ("RssAnon", "RssFile"):
+        match = [line for line in status.splitlines() if line.startswith(field)]
+        if match:
+            result[field] = int(match[0].split()[1]) / 2**20  # GiB
     print("RESULT " + json.dumps(result))
 
 
@@ -331,7 +342,9 @@ def write_results(results, load, device, path, threads=None):
         lines.append(f"\nLoading the full-size model (random weights saved in the published layout with the vision "
                      f"tower, {load['dtype']}): peak RSS {load['peak_rss_gib']:.2f} GiB over {load['rss_before_gib']:.2f} "
                      f"GiB before, weights {load['weights_gib']:.2f} GiB → {load['peak_over_weights']:.3f}x the weight "
-                     f"bytes; vision parameters allocated: {load['vision_params']}; {load['load_s']:.1f} s.")
+                     f"bytes (after touching every weight page; RSS anon {load.get('RssAnon', 0):.2f} GiB, file-backed "
+                     f"{load.get('RssFile', 0):.2f} GiB); vision parameters allocated: {load['vision_params']}; "
+                     f"{load['load_s']:.1f} s.")
     with open(path, "a") as f:
         f.write("\n".join(lines) + "\n")
 
