@@ -10,8 +10,8 @@ a smoke test of the whole pipeline that needs no download.
 
 Subcommands:
     answer   spoken question + reference voice -> spoken answer (WAV) and its text
-    speak    planned: text -> speech in the reference voice (exits with "not implemented yet")
-    serve    planned: OpenAI-compatible HTTP server (exits with "not implemented yet")
+    speak    text -> speech in the reference voice (WAV), and the text it spoke
+    serve    OpenAI-compatible HTTP server (needs the `server` extra; see docs/server.md)
 
 Not a hub file: no configuration_/modeling_/generation_/processing_chroma.py imports it, so it may use any installed
 package. Usage errors (missing files, unreadable audio, a voice without its transcript) exit with status 2.
@@ -55,10 +55,7 @@ TINY_MODEL_WARNING = (
 )
 # Seconds between redraws of the progress spinner.
 SPINNER_INTERVAL_S = 0.25
-PLANNED_COMMANDS = {
-    "speak": "text in, speech out in the reference voice",
-    "serve": "an OpenAI-compatible HTTP server (/v1/chat/completions)",
-}
+PLANNED_COMMANDS = {}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -81,6 +78,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     answer.set_defaults(run=run_answer, parser=answer)
     answer.add_argument("question", metavar="QUESTION", help="audio file with the spoken question (wav, flac, ...)")
+    add_voice_and_model_options(answer)
+
+    speak = commands.add_parser(
+        "speak",
+        help="say a given text in a reference voice",
+        description="Text to speech: the model speaks TEXT (its thinker reads the text instead of answering) in the "
+        "voice of a reference recording. Writes a 24 kHz WAV.",
+    )
+    speak.set_defaults(run=run_speak, parser=speak)
+    speak.add_argument("text", metavar="TEXT", help="what to say")
+    add_voice_and_model_options(speak)
+
+    serve = commands.add_parser(
+        "serve",
+        help="run the OpenAI-compatible HTTP server (needs: pip install 'openchroma[server]')",
+        description="OpenAI-compatible speech server: /v1/chat/completions, /v1/audio/speech, /v1/audio/voices. "
+        "See docs/server.md.",
+    )
+    serve.set_defaults(run=run_serve, parser=serve)
+    try:
+        from openchroma.server_chroma import add_serve_arguments
+    except ImportError:  # the server extra is not installed: `serve` explains how to get it
+        serve.set_defaults(run=run_serve_missing)
+    else:
+        add_serve_arguments(serve)
+
+    # Planned subcommands (later issues). They are listed so that `--help` shows the plan, and they refuse honestly.
+    for name, what in PLANNED_COMMANDS.items():
+        planned = commands.add_parser(name, help=f"(not implemented yet) {what}", add_help=False)
+        planned.set_defaults(run=run_planned, parser=planned)
+    return parser
+
+
+def add_voice_and_model_options(answer) -> None:
+    """Options `answer` and `speak` share: the voice, the model, sampling, device, output."""
     answer.add_argument("--voice", required=True, metavar="REF", help="reference voice to clone (audio file, a few s)")
     voice_text = answer.add_mutually_exclusive_group()
     voice_text.add_argument("--voice-text", metavar="TEXT", help="exact transcript of the reference voice")
@@ -123,12 +155,6 @@ def build_parser() -> argparse.ArgumentParser:
     answer.add_argument("--no-progress", action="store_true", help="no progress spinner on stderr")
     answer.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
-    # Planned subcommands (later issues). They are listed so that `--help` shows the plan, and they refuse honestly.
-    for name, what in PLANNED_COMMANDS.items():
-        planned = commands.add_parser(name, help=f"(not implemented yet) {what}", add_help=False)
-        planned.set_defaults(run=run_planned, parser=planned)
-    return parser
-
 
 def positive_int(text: str) -> int:
     value = int(text)
@@ -151,6 +177,17 @@ def main(argv=None) -> int:
         return args.run(args)
     finally:
         logger.removeHandler(handler)
+
+
+def run_serve(args) -> int:
+    from openchroma.server_chroma import serve
+
+    return serve(args)
+
+
+def run_serve_missing(args) -> int:
+    logger.error("`serve` needs the server extra: pip install 'openchroma[server]'")
+    return 1
 
 
 def run_planned(args) -> int:
@@ -180,10 +217,21 @@ def run_answer(args) -> int:
     logger.info("model %s loaded on %s (%s) in %.1f s", args.model or "tiny-random", device,
                 str(dtype).removeprefix("torch."), elapsed(start))
 
-    conversation = [
-        {"role": "system", "content": args.system},
-        {"role": "user", "content": [{"type": "audio", "audio": args.question}]},
-    ]
+    extra = {}
+    if getattr(args, "question", None) is not None:
+        conversation = [
+            {"role": "system", "content": args.system},
+            {"role": "user", "content": [{"type": "audio", "audio": args.question}]},
+        ]
+    else:  # speak: the thinker reads the given text instead of choosing its own words
+        conversation = [
+            {"role": "system", "content": args.system},
+            {"role": "user", "content": f"Please say exactly this: {args.text}"},
+        ]
+        ids = processor.tokenizer(args.text, add_special_tokens=False).input_ids
+        if not ids:
+            parser.error("the text to speak is empty")
+        extra["forced_text_ids"] = [torch.tensor(ids)]
     with phase("reading audio", args):
         try:
             inputs = processor(
@@ -197,7 +245,7 @@ def run_answer(args) -> int:
     limit = f"up to {max_frames} frames" if max_frames else "up to the model's frame limit"
     with phase(f"generating ({limit})", args):
         output = model.generate(
-            **inputs.to(device), **generation_kwargs(args, max_frames, device), return_dict_in_generate=True
+            **inputs.to(device), **generation_kwargs(args, max_frames, device), **extra, return_dict_in_generate=True
         )
     num_frames = int(output.audio_lengths[0])
     logger.info("generated %d frames in %.1f s", num_frames, elapsed(start))
@@ -215,12 +263,19 @@ def run_answer(args) -> int:
     return 0
 
 
+def run_speak(args) -> int:
+    if not args.text.strip():
+        args.parser.error("the text to speak is empty")
+    return run_answer(args)
+
+
 def check_answer_args(args):
     """Check everything the user gave before a model loads (that can take minutes); usage errors exit with 2.
     -> (voice transcript, device, dtype, max frames or None for the model's default)."""
     parser = args.parser
     voice_text = read_voice_text(args, parser)
-    question_seconds = check_audio_file(parser, args.question, "question")
+    question = getattr(args, "question", None)
+    question_seconds = check_audio_file(parser, question, "question") if question is not None else 0.0
     voice_seconds = check_audio_file(parser, args.voice, "reference voice")
     check_output_path(parser, args.output)
     if args.model is not None:
@@ -231,7 +286,7 @@ def check_answer_args(args):
         max_frames = TINY_DEFAULT_MAX_FRAMES
     if args.do_sample is not True and any(v is not None for v in (args.temperature, args.top_k, args.top_p)):
         logger.warning("--temperature/--top-k/--top-p only apply with --do-sample")
-    logger.info("question %s (%.1f s), voice %s (%.1f s)", args.question, question_seconds, args.voice, voice_seconds)
+    logger.info("question %s (%.1f s), voice %s (%.1f s)", question, question_seconds, args.voice, voice_seconds)
     return voice_text, device, dtype, max_frames
 
 
