@@ -55,7 +55,6 @@ TINY_MODEL_WARNING = (
 )
 # Seconds between redraws of the progress spinner.
 SPINNER_INTERVAL_S = 0.25
-PLANNED_COMMANDS = {}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -104,10 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_serve_arguments(serve)
 
-    # Planned subcommands (later issues). They are listed so that `--help` shows the plan, and they refuse honestly.
-    for name, what in PLANNED_COMMANDS.items():
-        planned = commands.add_parser(name, help=f"(not implemented yet) {what}", add_help=False)
-        planned.set_defaults(run=run_planned, parser=planned)
     return parser
 
 
@@ -166,9 +161,7 @@ def positive_int(text: str) -> int:
 def main(argv=None) -> int:
     """Run the command line; returns the exit status (usage errors raise SystemExit(2), as argparse does)."""
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    if unknown and args.run is not run_planned:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = parser.parse_args(argv)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("openchroma: %(levelname)s: %(message)s"))
     logger.addHandler(handler)
@@ -187,11 +180,6 @@ def run_serve(args) -> int:
 
 def run_serve_missing(args) -> int:
     logger.error("`serve` needs the server extra: pip install 'openchroma[server]'")
-    return 1
-
-
-def run_planned(args) -> int:
-    logger.error("`%s` is not implemented yet (planned: %s).", args.command, PLANNED_COMMANDS[args.command])
     return 1
 
 
