@@ -805,7 +805,7 @@ class ChromaGenerationMixin:
         Concatenated, the chunks hold exactly what `generate()` returns for the same inputs and seed. The iterator's
         return value (StopIteration.value) is the final `ChromaGenerationState`.
         """
-        inputs = self._check_generate_inputs(
+        inputs = self.prepare_generation_inputs(
             input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
             input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
             thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
@@ -863,8 +863,11 @@ class ChromaGenerationMixin:
                                  text_sampling=text_sampling or SamplingParams(), generator=generator)
         return runner, max_new_tokens
 
-    def _check_generate_inputs(self, voice=None, forced_text_ids=None, **inputs):
-        """Validate shapes and move everything to the model's device."""
+    def prepare_generation_inputs(self, voice=None, forced_text_ids=None, **inputs):
+        """Validate generate()'s inputs (clear ValueErrors) and move them to the model's device.
+
+        -> the dict `ChromaGenerator.start/stream` take (with `voices` and padded `forced_text_ids` when given);
+        for callers that drive a `ChromaGenerator` themselves (a server, a benchmark)."""
         if inputs.get("thinker_input_ids") is None:
             raise ValueError("generate() needs thinker_input_ids: pass what ChromaProcessor returns for the conversation")
         batch = inputs["thinker_input_ids"].shape[0]

@@ -602,7 +602,7 @@ class ChromaEngine:
     def _stream(self, jobs: List[GenerationJob]):
         inputs = collate_thinker_inputs([job.thinker_inputs for job in jobs], self.processor.tokenizer.pad_token_id)
         forced = [job.forced_text_ids for job in jobs] if jobs[0].kind == "speech" else None
-        inputs = self.model._check_generate_inputs(
+        inputs = self.model.prepare_generation_inputs(
             input_ids=None, attention_mask=None, input_values=None, input_values_cutoffs=None,
             voice=[job.voice for job in jobs], forced_text_ids=forced, **inputs,
         )

@@ -122,7 +122,7 @@ def timed_stream(model, inputs, frames, decode_audio=True, runner=None, **kwargs
         chunks = model.stream(**inputs, max_new_tokens=frames, decode_audio=decode_audio, chunk_frames=(2, 4, 8),
                               forced_text_ids=forced, **kwargs)
     else:
-        checked = model._check_generate_inputs(**inputs, forced_text_ids=forced)
+        checked = model.prepare_generation_inputs(**inputs, forced_text_ids=forced)
         chunks = runner.stream(checked, frames, decode_audio=decode_audio, chunk_frames=(2, 4, 8))
     sync(device)
     start = time.perf_counter()
