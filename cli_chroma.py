@@ -348,12 +348,10 @@ def resolve_device_and_dtype(args, parser):
 
 def load_model(name, device, dtype, trust_remote_code):
     """-> (model in eval mode on `device`, processor). `name=None` builds the tiny random model."""
-    import openchroma  # registers Chroma with the Auto classes, so a folder without remote code loads too
+    import openchroma  # noqa: F401  (registers Chroma with the Auto classes: a folder without remote code loads too)
 
     if name is None:
-        from openchroma.tiny_chroma import build_tiny_processor
-
-        from openchroma.tiny_chroma import build_tiny_model
+        from openchroma.tiny_chroma import build_tiny_model, build_tiny_processor
 
         model = build_tiny_model(TINY_MODEL_SEED)  # the same weights every run
         return model.to(device=device, dtype=dtype).eval(), build_tiny_processor()

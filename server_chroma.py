@@ -1525,7 +1525,6 @@ async def health(request: Request):
 # Command line: `openchroma serve`
 # ----------------------------------------------------------------------------------------------------------------------
 
-TINY_MODEL_SEED = 0
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -1573,24 +1572,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def load_model(name: Optional[str], device: str, dtype, trust_remote_code: bool = False):
-    """-> (model in eval mode, processor). name=None builds the tiny random model."""
-    import openchroma  # registers Chroma with the Auto classes
-
-    if name is None:
-        from .tiny_chroma import build_tiny_processor
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_MODEL_SEED)
-            model = openchroma.ChromaForConditionalGeneration(openchroma.ChromaConfig.tiny())
-        return model.to(device=device, dtype=dtype).eval(), build_tiny_processor()
-    from transformers import AutoModelForCausalLM, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype)
-    return model.to(device).eval(), processor
-
-
 def register_voice_file(model, processor, voices: VoiceStore, voice_id: str, audio_path: str, transcript_path: str):
     """Encode an operator-supplied voice (a trusted local file) and store it under `voice_id`."""
     if not VOICE_ID_PATTERN.match(voice_id):
@@ -1616,6 +1597,8 @@ def serve(args) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     if args.model is None:
         logger.warning("no --model: serving a tiny random model (its audio is noise, its text gibberish)")
+    from .cli_chroma import load_model  # one loader for the CLI and the server (tiny random model by default)
+
     model, processor = load_model(args.model, device, dtype, args.trust_remote_code)
     voices = VoiceStore(args.voices_dir)
     for voice_id, audio_path, transcript_path in args.register_voice:
