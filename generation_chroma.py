@@ -464,7 +464,8 @@ class ChromaGenerator:
     def backbone_step(self, state, embeds, valid):
         """Append embeds [B, L, D] (valid [B, L]) to the backbone. -> post-norm hidden [B, D] and codebook-0 logits
         [B, V] at the last slot."""
-        hidden, logits = self.model.backbone(embeds, *self.backbone_step_inputs(state, valid, static=False))
+        step_inputs = self.backbone_step_inputs(state, valid, static=False)
+        hidden, logits = self.model.backbone(embeds, *step_inputs, logits_to_keep=1)
         return hidden[:, -1], logits[:, -1]
 
     def backbone_step_inputs(self, state, valid, static):
@@ -540,7 +541,7 @@ class ChromaGenerator:
     def frame_step(self, state, embeds, positions, mask, slots):
         """The one-frame step with fixed shapes (what compile=True compiles): backbone over the whole cache, codebook
         0, depth loop. -> frame [B, K], codebook-0 logits [B, V], depth logits [B, K-1, V]."""
-        hidden, logits = self.model.backbone(embeds, positions, mask, state.cache, slots)
+        hidden, logits = self.model.backbone(embeds, positions, mask, state.cache, slots, logits_to_keep=1)
         c0_logits = logits[:, -1]
         c0 = self.choose_code(c0_logits, self.audio_sampling)
         frame, depth_logits = self.depth_step(state, hidden[:, -1], c0)

@@ -87,6 +87,31 @@ class ChromaRotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+# Float32 matrix products with a handful of rows (decode steps: 1-3 positions per row, a few rows) are memory-bound:
+# the cost should be one read of the weight. On the CPU, `F.linear` (x @ W^T) with 2..64 rows goes through a GEMM
+# that repacks W first and costs 2-3x a single-row product; `W @ x^T` streams W once (benchmarks/RESULTS.md has the
+# measurements). bfloat16 is the other way round, and CUDA's kernels do not care, so only float32 CPU takes it.
+FEW_ROWS_MAX = 64
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` for x [..., in]; as (W @ x^T)^T when x holds 2..FEW_ROWS_MAX float32 rows on the
+    CPU (same result up to float rounding)."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    if not (1 < rows <= FEW_ROWS_MAX and x.device.type == "cpu" and x.dtype == torch.float32):
+        return F.linear(x, weight, bias)
+    columns = x.reshape(rows, x.shape[-1]).t()  # [in, rows], a view
+    out = torch.mm(weight, columns) if bias is None else torch.addmm(bias[:, None], weight, columns)
+    return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+class ChromaLinear(nn.Linear):
+    """`nn.Linear` (same parameters and checkpoint keys) whose forward takes `few_rows_linear`'s route."""
+
+    def forward(self, x):
+        return few_rows_linear(x, self.weight, self.bias)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -107,9 +132,9 @@ class ChromaRMSNorm(nn.Module):
 class ChromaMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_proj = ChromaLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = ChromaLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = ChromaLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
@@ -124,10 +149,10 @@ class ChromaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = ChromaLinear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = ChromaLinear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = ChromaLinear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = ChromaLinear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.attention_dropout = config.attention_dropout
 
     def forward(self, hidden_states, cos, sin, attention_mask, cache=None, cache_start=0):
@@ -233,13 +258,13 @@ class ChromaBackboneForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = ChromaTransformer(config)
-        self.codebook0_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.codebook0_head = ChromaLinear(config.hidden_size, config.vocab_size, bias=False)
         self.audio_embedding = ChromaAudioEmbedding(config.audio_num_codebooks, config.vocab_size, config.hidden_size)
 
-    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cache_start=0):
-        """-> (hidden [B, L, D], codebook-0 logits [B, L, V])."""
+    def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cache_start=0, logits_to_keep=0):
+        """-> (hidden [B, L, D], codebook-0 logits [B, L', V]) with L' = L, or the last `logits_to_keep` positions."""
         hidden = self.model(inputs_embeds, position_ids, attention_mask, cache, cache_start)
-        return hidden, self.codebook0_head(hidden)
+        return hidden, self.codebook0_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
 
 
 class ChromaCodebookHeads(nn.Module):
@@ -258,7 +283,7 @@ class ChromaDecoderForCausalLM(nn.Module):
     def __init__(self, config: ChromaDecoderConfig):
         super().__init__()
         self.config = config
-        self.projection = nn.Linear(config.audio_embedding_dim, config.hidden_size, bias=False)
+        self.projection = ChromaLinear(config.audio_embedding_dim, config.hidden_size, bias=False)
         self.model = ChromaTransformer(config)
         self.codebook_head = ChromaCodebookHeads(config.audio_num_codebooks - 1, config.hidden_size, config.vocab_size)
         self.audio_embedding = ChromaAudioEmbedding(
@@ -277,6 +302,11 @@ class ChromaDecoderForCausalLM(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # The thinker's text decode step on a preallocated cache
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def apply_linear(x, module: nn.Linear):
+    """Apply a (transformers) nn.Linear through `few_rows_linear`."""
+    return few_rows_linear(x, module.weight, module.bias)
 
 
 class ChromaThinkerCache:
@@ -342,9 +372,9 @@ class ChromaThinkerDecoder:
         for i, layer in enumerate(self.text_model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(bsz, 1, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = apply_linear(h, attn.q_proj).view(bsz, 1, self.num_heads, self.head_dim).transpose(1, 2)
+            k = apply_linear(h, attn.k_proj).view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            v = apply_linear(h, attn.v_proj).view(bsz, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
             q = q * cos + rotate_half(q) * sin
             k = k * cos + rotate_half(k) * sin
             cache.keys[i][:, :, slot:slot + 1] = k
@@ -353,10 +383,11 @@ class ChromaThinkerDecoder:
             keys = cache.keys[i][:, :, : slot + 1].repeat_interleave(groups, dim=1)
             vals = cache.values[i][:, :, : slot + 1].repeat_interleave(groups, dim=1)
             out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=attn.scaling)
-            x = x + attn.o_proj(out.transpose(1, 2).reshape(bsz, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + apply_linear(out.transpose(1, 2).reshape(bsz, 1, -1), attn.o_proj)
+            mlp, h = layer.mlp, layer.post_attention_layernorm(x)
+            x = x + apply_linear(mlp.act_fn(apply_linear(h, mlp.gate_proj)) * apply_linear(h, mlp.up_proj), mlp.down_proj)
         hidden = self.text_model.norm(x)[:, 0]
-        return hidden, self.lm_head(hidden)
+        return hidden, apply_linear(hidden, self.lm_head)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -82,3 +82,25 @@ def test_compiled_step_equals_eager_on_cuda():
     compiled = run(ChromaGenerator(model, compile=True), inputs, ref.num_frames)
     assert torch.equal(eager.sequences.cpu(), compiled.sequences.cpu())
     model.to("cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 24, 64, 65])
+def test_few_rows_linear_equals_linear(rows, dtype):
+    """The few-rows route of the decode linears (W @ x^T on the CPU) is F.linear, with and without bias, for row
+    counts on both sides of its threshold; gradients flow through it the same way."""
+    from openchroma.modeling_chroma import FEW_ROWS_MAX, ChromaLinear, few_rows_linear
+
+    assert 24 < FEW_ROWS_MAX < 65
+    g = torch.Generator().manual_seed(rows)
+    layer = ChromaLinear(48, 80, bias=True).to(dtype)
+    x = torch.randn(rows, 1, 48, generator=g).to(dtype).requires_grad_()
+    out = layer(x)
+    expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert out.shape == (rows, 1, 80) and out.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, expected, atol=tol, rtol=tol)
+    torch.testing.assert_close(few_rows_linear(x, layer.weight), expected - layer.bias, atol=tol, rtol=tol)
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(grad, expected_grad, atol=tol, rtol=tol)
