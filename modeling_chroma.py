@@ -97,8 +97,8 @@ FEW_ROWS_MAX = 64
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x [..., in]; as (W @ x^T)^T when x holds 2..FEW_ROWS_MAX float32 rows on the
     CPU (same result up to float rounding)."""
-    rows = x.numel() // max(x.shape[-1], 1)
-    if not (1 < rows <= FEW_ROWS_MAX and x.device.type == "cpu" and x.dtype == torch.float32):
+    rows = x.shape[:-1].numel()
+    if not (1 < rows <= FEW_ROWS_MAX and x.is_cpu and x.dtype == torch.float32):
         return F.linear(x, weight, bias)
     columns = x.reshape(rows, x.shape[-1]).t()  # [in, rows], a view
     out = torch.mm(weight, columns) if bias is None else torch.addmm(bias[:, None], weight, columns)

@@ -1,7 +1,7 @@
 # Copyright 2026 The OpenChroma authors. Licensed under the Apache License, Version 2.0.
 """Decode-speed benchmark: per-frame time against the hardware floor, time to first audio, batching, memory.
 
-    python benchmarks/bench_decode.py --sizes tiny mid --device cpu --dtype float32
+    python benchmarks/bench_decode.py --sizes tiny mid --device cpu --threads tiny=1 mid=2 --compile tiny
     python benchmarks/bench_decode.py --sizes full --device cuda --dtype bfloat16
     python benchmarks/bench_decode.py --load-test            # peak RAM of from_pretrained, full size, bf16
 
@@ -203,29 +203,44 @@ def peak_rss_gib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def worker(size, device_name, dtype_name, frames, repeats, compile_step=False):
+def median_runs(runs, fn):
+    """Run fn() `runs` times -> the element-wise median of its tuples (this machine's timings are noisy)."""
+    results = [fn() for _ in range(runs)]
+    return tuple(statistics.median(column) for column in zip(*results))
+
+
+def worker(size, device_name, dtype_name, frames, repeats, compile_step=False, runs=3):
     device, dtype = torch.device(device_name), getattr(torch, dtype_name)
     torch.manual_seed(0)
     t = time.perf_counter()
     model = build_model(size, device, dtype)
     build_s = time.perf_counter() - t
     result = {"size": size, "device": device_name, "dtype": dtype_name, "frames": frames, "build_s": build_s,
+              "threads": torch.get_num_threads(),
               "params_b": sum(p.numel() for p in model.parameters()) / 1e9}
     inputs = make_inputs(model, 1)
-    timed_stream(model, inputs, min(frames, 4))  # warm-up
-    ttfa, per_frame_audio, n = timed_stream(model, inputs, frames)
-    result.update(ttfa_s=ttfa, per_frame_s=per_frame_audio, rtf=per_frame_audio / FRAME_SECONDS)
-    _, per_frame_codes, _ = timed_stream(model, inputs, frames, decode_audio=False)
+    timed_stream(model, inputs, frames)  # warm-up (a first run is slower: allocator, thread pool, page faults)
+    ttfa, per_frame_audio, n = median_runs(runs, lambda: timed_stream(model, inputs, frames))
+    result.update(ttfa_s=ttfa, per_frame_s=per_frame_audio, rtf=per_frame_audio / FRAME_SECONDS, runs=runs)
+    # steady per-frame time and the floor, measured alternately so that both see the same machine state; the ratio is
+    # the median of the per-run ratios
+    code_times, floors = [], []
+    for _ in range(runs):
+        code_times.append(timed_stream(model, inputs, frames, decode_audio=False)[1])
+        floors.append(floor_per_frame(model, frames, repeats))
+    per_frame_codes = statistics.median(code_times)
     result["per_frame_no_decode_s"] = per_frame_codes
+    result.update({f"floor_{k}_s": statistics.median(f[k] for f in floors) for k in floors[0]})
+    ratios = [t / f["floor"] for t, f in zip(code_times, floors)]
+    result.update(per_frame_over_floor=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios))
     voice = model.encode_voice(inputs["input_values"][0, 0], inputs["input_ids"][0])
     thinker_only = {k: v for k, v in inputs.items() if k.startswith("thinker_")}
     timed_stream(model, thinker_only, 2, voice=voice)  # computes and keeps the voice's prefix KV
-    result["ttfa_cached_voice_s"] = timed_stream(model, thinker_only, min(frames, 4), voice=voice)[0]
-    result.update({f"floor_{k}_s": v for k, v in floor_per_frame(model, frames, repeats).items()})
-    result["per_frame_over_floor"] = per_frame_codes / result["floor_floor_s"]
+    result["ttfa_cached_voice_s"] = median_runs(runs, lambda: timed_stream(model, thinker_only, 4, voice=voice))[0]
     batch = 8
     inputs8 = make_inputs(model, batch)
-    _, per_step8, _ = timed_stream(model, inputs8, frames, decode_audio=False)
+    timed_stream(model, inputs8, min(frames, 4), decode_audio=False)  # warm-up
+    _, per_step8, _ = median_runs(runs, lambda: timed_stream(model, inputs8, frames, decode_audio=False))
     result["fps_b1"] = 1 / per_frame_codes
     result["fps_b8"] = batch / per_step8
     result["b8_over_b1"] = result["fps_b8"] / result["fps_b1"]
@@ -236,7 +251,8 @@ def worker(size, device_name, dtype_name, frames, repeats, compile_step=False):
         t = time.perf_counter()
         timed_stream(model, inputs, frames, decode_audio=False, runner=runner)  # compiles (two graphs)
         result["compile_s"] = time.perf_counter() - t
-        result["per_frame_compiled_s"] = timed_stream(model, inputs, frames, decode_audio=False, runner=runner)[1]
+        result["per_frame_compiled_s"] = median_runs(
+            runs, lambda: timed_stream(model, inputs, frames, decode_audio=False, runner=runner))[1]
     result["peak_rss_gib"] = peak_rss_gib()
     if device.type == "cuda":
         result["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -301,7 +317,7 @@ def run_child(args):
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def machine_description(device, threads=None):
+def machine_description(device, results=()):
     import transformers
 
     cpu = platform.processor() or platform.machine()
@@ -310,12 +326,20 @@ def machine_description(device, threads=None):
                    if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
+    threads = ", ".join(f"{r['size']} {r['threads']}" for r in results if "threads" in r) or "default"
+    threads = f"threads: {threads}"
     return (f"{datetime.date.today()} · {cpu}, {os.cpu_count()} cores, torch {torch.__version__} "
-            f"({threads or torch.get_num_threads()} threads), transformers {transformers.__version__}, device {device}")
+            f"({threads}), transformers {transformers.__version__}, device {device}")
 
 
-def write_results(results, load, device, path, threads=None):
-    lines = [f"\n## {machine_description(device, threads)}\n"]
+def ratio_text(r):
+    if "ratio_min" not in r:
+        return f"{r['per_frame_over_floor']:.2f}"
+    return f"{r['per_frame_over_floor']:.2f} ({r['ratio_min']:.2f}–{r['ratio_max']:.2f})"
+
+
+def write_results(results, load, device, path):
+    lines = [f"\n## {machine_description(device, results)}\n"]
     if results:
         lines += [
             "| size | dtype | params (B) | s/frame (codes) | floor s/frame | ratio | s/frame (+audio) | RTF | "
@@ -325,7 +349,7 @@ def write_results(results, load, device, path, threads=None):
         ]
         for r in results:
             row = (f"| {r['size']} | {r['dtype']} | {r['params_b']:.2f} | {r['per_frame_no_decode_s']:.4f} | "
-                   f"{r['floor_floor_s']:.4f} | {r['per_frame_over_floor']:.2f} | {r['per_frame_s']:.4f} | "
+                   f"{r['floor_floor_s']:.4f} | {ratio_text(r)} | {r['per_frame_s']:.4f} | "
                    f"{r['rtf']:.2f} | {r['ttfa_s']:.3f} | {r['ttfa_cached_voice_s']:.3f} | {r['fps_b1']:.1f} | "
                    f"{r['fps_b8']:.1f} | {r['b8_over_b1']:.2f} | {r['peak_rss_gib']:.2f} | "
                    + (f"{r['per_frame_compiled_s']:.4f} (compile {r['compile_s']:.0f} s) |"
@@ -337,7 +361,9 @@ def write_results(results, load, device, path, threads=None):
         lines.append("Floor parts (s): " + "; ".join(
             f"{r['size']}: backbone {r['floor_backbone_s']:.4f}, depth x7 {r['floor_depth_s']:.4f}, "
             f"thinker step {r['floor_thinker_s']:.4f}" for r in results))
-        lines.append(f"Frames per run: {results[0]['frames']}.")
+        frames = ", ".join(f"{r['size']} {r['frames']}" for r in results)
+        lines.append(f"Frames per run: {frames}; medians of {results[0].get('runs', 1)} runs (ratio: "
+                     "median of the per-run ratios, range in brackets; each run times the frames, then the floor).")
     if load:
         lines.append(f"\nLoading the full-size model (random weights saved in the published layout with the vision "
                      f"tower, {load['dtype']}): peak RSS {load['peak_rss_gib']:.2f} GiB over {load['rss_before_gib']:.2f} "
@@ -361,8 +387,9 @@ def plot(results, path):
     fig, ax = plt.subplots(figsize=(7, 4))
     names = [f"{r['size']}\n{r['device']} {r['dtype']}" for r in results]
     x = np.arange(len(results))
-    ax.bar(x - 0.2, [r["per_frame_no_decode_s"] * 1e3 for r in results], 0.4, label="per frame (codes)")
-    ax.bar(x + 0.2, [r["floor_floor_s"] * 1e3 for r in results], 0.4, label="floor (bare forwards)")
+    ax.bar(x - 0.27, [r["per_frame_no_decode_s"] * 1e3 for r in results], 0.27, label="per frame, eager (codes)")
+    ax.bar(x, [r.get("per_frame_compiled_s", np.nan) * 1e3 for r in results], 0.27, label="per frame, compiled step")
+    ax.bar(x + 0.27, [r["floor_floor_s"] * 1e3 for r in results], 0.27, label="floor (bare eager forwards)")
     ax.axhline(FRAME_SECONDS * 1e3, color="red", linestyle="--", label="real time (80 ms)")
     ax.set_xticks(x, names)
     ax.set_yscale("log")
@@ -373,27 +400,41 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def parse_threads(items):
+    """["2"] -> {size: 2 for every size}; ["tiny=1", "mid=2"] -> per size."""
+    threads = {}
+    for item in items:
+        size, _, count = item.rpartition("=")
+        for name in ([size] if size else ["tiny", "mid", "full"]):
+            threads[name] = int(count)
+    return threads
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="*", default=["tiny", "mid"], choices=["tiny", "mid", "full"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--frames", type=int, default=None, help="frames per timed run (default by size)")
-    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=20, help="timings per floor component (median)")
+    parser.add_argument("--runs", type=int, default=3, help="timed generations per measurement (median)")
     parser.add_argument("--load-test", action="store_true", help="also measure from_pretrained peak RAM at full size")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--plot", default=str(ROOT / "figures" / "decode_speed.png"))
-    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd one-frame step")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--worker", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", nargs="*", default=None, metavar="SIZE",
+                        help="also time the torch.compile'd one-frame step (for the given sizes; none given: all)")
+    parser.add_argument("--threads", nargs="*", default=[],
+                        help="torch threads: N for every size, or SIZE=N each (e.g. tiny=1 mid=2; default torch's)")
+    parser.add_argument("--worker", nargs=7, help=argparse.SUPPRESS)
     parser.add_argument("--load-worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--save-worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = parse_threads(args.threads)
+    if args.worker and threads.get(args.worker[0]):
+        torch.set_num_threads(threads[args.worker[0]])
     if args.worker:
-        size, device, dtype, frames, repeats, compile_step = args.worker
-        return worker(size, device, dtype, int(frames), int(repeats), compile_step == "1")
+        size, device, dtype, frames, repeats, compile_step, runs = args.worker
+        return worker(size, device, dtype, int(frames), int(repeats), compile_step == "1", int(runs))
     if args.load_worker:
         return load_worker(*args.load_worker)
     if args.save_worker:
@@ -401,14 +442,16 @@ def main():
 
     dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     default_frames = {"tiny": 200, "mid": 24, "full": 24 if args.device == "cuda" else 6}
+    compiled = set(args.sizes if args.compile == [] else args.compile or [])
     results = []
     for size in args.sizes:
         frames = args.frames or default_frames[size]
         size_dtype = "bfloat16" if size == "full" and args.dtype is None else dtype
         print(f"running {size} ({args.device}, {size_dtype}, {frames} frames) ...", file=sys.stderr)
-        child = ["--worker", size, args.device, size_dtype, str(frames), str(args.repeats), str(int(args.compile))]
-        if args.threads:
-            child = ["--threads", str(args.threads)] + child
+        child = ["--worker", size, args.device, size_dtype, str(frames), str(args.repeats), str(int(size in compiled)),
+                 str(args.runs)]
+        if threads.get(size):
+            child = ["--threads", str(threads[size])] + child
         results.append(run_child(child))
         print(json.dumps(results[-1], indent=1), file=sys.stderr)
     load = None
@@ -420,7 +463,7 @@ def main():
             load = run_child(["--load-worker", folder, "bfloat16"])
             load["dtype"] = "bfloat16"
             print(json.dumps(load, indent=1), file=sys.stderr)
-    write_results(results, load, args.device, args.results, args.threads)
+    write_results(results, load, args.device, args.results)
     if results:
         plot(results, args.plot)
 
