@@ -361,6 +361,42 @@ class MimiStreamingDecoder:
         state.started = torch.ones_like(state.started)
         return hidden[:, 0]
 
+    def select_state(self, state: MimiStreamState, rows) -> MimiStreamState:
+        """The streams of `rows` (row indices, in the new order) alone."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=state.next_position.device)
+        return MimiStreamState(
+            conv_context={name: t.index_select(0, index) for name, t in state.conv_context.items()},
+            transposed_overlap={name: t.index_select(0, index) for name, t in state.transposed_overlap.items()},
+            keys=[k.index_select(0, index) for k in state.keys], values=[v.index_select(0, index) for v in state.values],
+            key_positions=state.key_positions.index_select(0, index), next_position=state.next_position[index],
+            started=state.started[index],
+        )
+
+    def concat_states(self, states: List[MimiStreamState]) -> MimiStreamState:
+        """One state holding the streams of `states` (in order). Without a sliding window the transformer caches
+        differ in length: shorter ones get empty slots (position -1, never attended) in front."""
+        slots = max(state.key_positions.shape[1] for state in states)
+
+        def front_pad(tensor, dim, value=0):
+            missing = slots - tensor.shape[dim]
+            if not missing:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_full(shape, value), tensor], dim=dim)
+
+        layers = range(len(states[0].keys))
+        return MimiStreamState(
+            conv_context={name: torch.cat([s.conv_context[name] for s in states]) for name in states[0].conv_context},
+            transposed_overlap={name: torch.cat([s.transposed_overlap[name] for s in states])
+                                for name in states[0].transposed_overlap},
+            keys=[torch.cat([front_pad(s.keys[i], 2) for s in states]) for i in layers],
+            values=[torch.cat([front_pad(s.values[i], 2) for s in states]) for i in layers],
+            key_positions=torch.cat([front_pad(s.key_positions, 1, -1) for s in states]),
+            next_position=torch.cat([s.next_position for s in states]),
+            started=torch.cat([s.started for s in states]),
+        )
+
     def reset(self, state: MimiStreamState, rows: torch.Tensor) -> None:
         """Restart the streams where `rows` [B] (bool) is True, as if freshly initialised; other rows are untouched."""
         rows = rows.to(device=state.next_position.device, dtype=torch.bool)

@@ -19,6 +19,7 @@ them, so its rows drift from their solo runs).
 Shapes: B batch, K codebooks, V audio vocabulary, D backbone width, S thinker tokens.
 """
 
+import dataclasses
 import weakref
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -48,6 +49,13 @@ class ChromaKVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_hidden_layers)]
         self.capacity = capacity
 
+    @classmethod
+    def from_buffers(cls, keys: List[torch.Tensor], values: List[torch.Tensor]) -> "ChromaKVCache":
+        """A cache over existing buffers [B, H_kv, capacity, head_dim] per layer."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values, cache.capacity = list(keys), list(values), keys[0].shape[2]
+        return cache
+
     def write(self, layer_idx, start, key, value):
         """Store key/value [B, H_kv, L, head_dim] at slots start..start+L; return the filled prefix of the buffers.
 
@@ -63,6 +71,22 @@ class ChromaKVCache:
         self.keys[layer_idx][:, :, start:end] = key
         self.values[layer_idx][:, :, start:end] = value
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
+def align_slots(parts: List[torch.Tensor], ends: List[int], total: int, filled: int, dim: int = -1) -> torch.Tensor:
+    """Stack batches of slot buffers along rows, moving part i's first `ends[i]` slots (along `dim`) to end at slot
+    `filled` of a buffer with `total` slots; the slots before them are zeros (False), i.e. left padding.
+
+    parts: [B_i, ..., S_i, ...] -> [sum B_i, ..., total, ...]."""
+    dim = dim % parts[0].dim()
+    shape = list(parts[0].shape)
+    shape[0], shape[dim] = sum(p.shape[0] for p in parts), total
+    out = parts[0].new_zeros(shape)
+    row = 0
+    for part, end in zip(parts, ends):
+        out[row:row + part.shape[0]].narrow(dim, filled - end, end).copy_(part.narrow(dim, 0, end))
+        row += part.shape[0]
+    return out
 
 
 def padding_causal_mask(valid: torch.Tensor, query_length: int) -> torch.Tensor:
@@ -232,6 +256,10 @@ class ChromaGenerationState:
     forced_text: Optional[torch.Tensor]  # [B, N + 1] the text to speak, <|im_end|>-padded (None: the thinker answers)
     # outputs so far
     finished: torch.Tensor  # [B] bool: row's answer is complete (EOS frame, stopping criterion or cancel)
+    forced_rows: Optional[torch.Tensor] = None  # [B] bool: rows that speak forced_text (None: all, if it is set)
+    frame_count: int = 0  # frames generated so far (the text schedule's clock; shared by all rows)
+    row_frames: Optional[torch.Tensor] = None  # [B] frames each row has generated (rows of merged states differ)
+    last_frame: Optional[torch.Tensor] = None  # [B, K] the latest frame: the next backbone input
     text_ids: List[torch.Tensor] = field(default_factory=list)  # each [B]
     text_valid: List[torch.Tensor] = field(default_factory=list)  # each [B] bool
     frames: List[torch.Tensor] = field(default_factory=list)  # each [B, K]
@@ -401,6 +429,7 @@ class ChromaGenerator:
             text_count=torch.ones(batch, dtype=torch.long, device=device),
             forced_text=forced,
             finished=torch.zeros(batch, dtype=torch.bool, device=device),
+            row_frames=torch.zeros(batch, dtype=torch.long, device=device),
         )
         if self.thinker_decoder is not None:
             text_steps = max_new_tokens // per_text + 2
@@ -447,11 +476,12 @@ class ChromaGenerator:
             )
             state.thinker_cache = out.past_key_values
             hidden, logits = out.hidden_states[-1][:, -1], out.logits[:, -1]
-        if state.forced_text is None:
+        if state.forced_text is None or state.forced_rows is not None:
             next_id = sample_next_token(logits, self.text_sampling, self.generator)
-        else:
+        if state.forced_text is not None:
             index = state.text_count.clamp(max=state.forced_text.shape[1] - 1)
-            next_id = state.forced_text.gather(1, index[:, None])[:, 0]
+            forced_id = state.forced_text.gather(1, index[:, None])[:, 0]
+            next_id = forced_id if state.forced_rows is None else torch.where(state.forced_rows, forced_id, next_id)
         state.thinker_next_position = state.thinker_next_position + alive.long()
         state.text_ids.append(next_id)
         state.text_valid.append(alive.clone())
@@ -555,13 +585,16 @@ class ChromaGenerator:
         keep = ~state.finished & ~(eos & (frame == config.codebook_eos_token_id).all(-1))
         state.frames.append(frame)
         state.frame_valid.append(keep)
+        state.frame_count += 1
+        state.row_frames = state.row_frames + 1
+        state.last_frame = frame
         state.finished = state.finished | eos
 
     def next_input(self, state, frame):
         """The next backbone input: the frame's embedding, plus a thinker pair when the schedule says so."""
         frame_embed = self.model.embed_frames(frame)[:, None]  # [B, 1, D]
         frame_valid = torch.ones(frame.shape[0], 1, dtype=torch.bool, device=frame.device)
-        due = len(state.frames) % self.config.audio_frames_per_text_token == 0
+        due = state.frame_count % self.config.audio_frames_per_text_token == 0
         # thinker_may_talk is refreshed at sync points; a stale True costs one masked thinker step, never a result
         if not (due and state.thinker_may_talk):
             return frame_embed, frame_valid
@@ -601,9 +634,8 @@ class ChromaGenerator:
             sync_every = 1 if embeds.device.type == "cpu" else 4
         emitted_frames = emitted_text = chunk_index = 0
         while True:
-            frame = self.audio_step(state, embeds, valid)
-            self.record_frame(state, frame)
-            self.apply_stops(state, max_text_tokens, stopping_criteria)
+            self.step(state, stopping_criteria, embeds, valid, max_text_tokens)
+            embeds = valid = None  # from now on the step builds its input from the last frame
             if cancel is not None and cancel.is_set():
                 state.cancelled = True
             size = int(chunk_frames[min(chunk_index, len(chunk_frames) - 1)])
@@ -618,7 +650,6 @@ class ChromaGenerator:
                 emitted_frames, emitted_text, chunk_index = len(state.frames), len(state.text_ids), chunk_index + 1
             if done:
                 return state
-            embeds, valid = self.next_input(state, frame)
 
     def apply_stops(self, state, max_text_tokens, stopping_criteria):
         """Text limit (the thinker stops talking) and user criteria (the row's answer ends)."""
@@ -632,8 +663,13 @@ class ChromaGenerator:
                 state.finished = torch.ones_like(state.finished)
 
     def make_chunk(self, state, frame_start, text_start, audio_decoder, codec_state) -> ChromaChunk:
-        frames = torch.stack(state.frames[frame_start:], dim=1)  # [B, n, K]
-        keep = torch.stack(state.frame_valid[frame_start:], dim=1)  # [B, n]
+        if frame_start >= len(state.frames):  # nothing new (e.g. right after a merge)
+            batch, k = state.finished.shape[0], self.config.audio_num_codebooks
+            frames = state.finished.new_zeros(batch, 0, k, dtype=torch.long)
+            keep = state.finished.new_zeros(batch, 0)
+        else:
+            frames = torch.stack(state.frames[frame_start:], dim=1)  # [B, n, K]
+            keep = torch.stack(state.frame_valid[frame_start:], dim=1)  # [B, n]
         codes = torch.where(keep[..., None], frames, torch.zeros_like(frames))
         texts = [[] for _ in range(frames.shape[0])]
         for ids, ok in zip(state.text_ids[text_start:], state.text_valid[text_start:]):
@@ -646,6 +682,25 @@ class ChromaGenerator:
             text_ids=[torch.stack(t) if t else frames.new_zeros(0) for t in texts],
             audio_codes=codes, audio_valid=keep, pcm=pcm, finished=state.finished.clone(), frame_offset=frame_start,
         )
+
+    def take_chunk(self, state) -> ChromaChunk:
+        """Everything `state` produced since the last take, as a chunk without audio; empties its output lists
+        (frames, text ids, logits). For callers that drive the steps themselves (`step`, `merge_states`)."""
+        chunk = self.make_chunk(state, 0, 0, None, None)
+        for outputs in (state.frames, state.frame_valid, state.text_ids, state.text_valid, state.c0_logits,
+                        state.depth_logits):
+            outputs.clear()
+        return chunk
+
+    def step(self, state, stopping_criteria=(), embeds=None, valid=None, max_text_tokens=None):
+        """One frame for every row: the next backbone input (or `embeds` [B, L, D] / `valid` [B, L], the prompt
+        from `start`), the audio step, the frame's bookkeeping and the stops. -> frame [B, K]."""
+        if embeds is None:
+            embeds, valid = self.next_input(state, state.last_frame)
+        frame = self.audio_step(state, embeds, valid)
+        self.record_frame(state, frame)
+        self.apply_stops(state, max_text_tokens, stopping_criteria)
+        return frame
 
     def generate(self, inputs, max_new_tokens, **stream_kwargs):
         """Run `stream()` to the end (no audio decode); -> the final state."""
@@ -660,6 +715,105 @@ class ChromaGenerator:
 
     def finalize(self, state) -> ChromaGenerateOutput:
         return collect_output(state, self.config)
+
+    # -- changing the rows of a running batch (continuous batching) ----------------------------------------------------
+
+    def select_rows(self, state, rows) -> ChromaGenerationState:
+        """The state of `rows` (row indices, in the new order) alone, e.g. without the rows whose answers ended.
+        Each kept row continues exactly as it would have in the full batch."""
+        index = torch.as_tensor(rows, dtype=torch.long, device=state.finished.device)
+
+        def pick(tensor):
+            return None if tensor is None else tensor.index_select(0, index)
+
+        thinker = state.thinker_cache
+        if not hasattr(thinker, "valid"):
+            raise ValueError("changing the rows of a batch needs the static thinker path (static_thinker=True)")
+        backbone = ChromaKVCache.from_buffers([pick(k) for k in state.cache.keys], [pick(v) for v in state.cache.values])
+        return dataclasses.replace(
+            state,
+            cache=backbone, slot_valid=pick(state.slot_valid), next_position=pick(state.next_position),
+            depth_cache=ChromaKVCache(self.config.decoder_config, len(index), self.config.audio_num_codebooks,
+                                      index.device, state.cache.keys[0].dtype),
+            thinker_cache=type(thinker)([pick(k) for k in thinker.keys], [pick(v) for v in thinker.values],
+                                        pick(thinker.valid), thinker.length),
+            thinker_mask=pick(state.thinker_mask), thinker_next_position=pick(state.thinker_next_position),
+            thinker_alive=pick(state.thinker_alive), last_text_id=pick(state.last_text_id),
+            text_count=pick(state.text_count), forced_text=pick(state.forced_text), forced_rows=pick(state.forced_rows),
+            finished=pick(state.finished), row_frames=pick(state.row_frames), last_frame=pick(state.last_frame),
+            text_ids=[pick(t) for t in state.text_ids], text_valid=[pick(t) for t in state.text_valid],
+            frames=[pick(t) for t in state.frames], frame_valid=[pick(t) for t in state.frame_valid],
+            c0_logits=[pick(t) for t in state.c0_logits], depth_logits=[pick(t) for t in state.depth_logits],
+        )
+
+    def merge_states(self, states: List[ChromaGenerationState], frames_left: int) -> ChromaGenerationState:
+        """One state holding the rows of `states` (in order), to be decoded together from the next frame on.
+
+        Every row keeps exactly its tokens, positions and validity: each state's filled backbone and thinker slots
+        move so that they end at the common next slot, behind invalid slots that attention masks out (the left
+        padding a batch of different prompt lengths has anyway), so each row's answer is the one it would get alone.
+        The states must be at the same point of the text schedule (frame counts of equal parity), and each must
+        have taken its first (prompt) step. `frames_left`: the most frames any row may still generate (sizes the
+        caches). The merged state's output lists (frames, text ids, logits) start empty: take each state's output
+        (`make_chunk`) before merging."""
+        per_text = self.config.audio_frames_per_text_token
+        if len({state.frame_count % per_text for state in states}) != 1:
+            raise ValueError("states at different points of the text schedule cannot be merged")
+        if any(state.last_frame is None for state in states):
+            raise ValueError("every state must have taken its prompt step before merging")
+        if any(not hasattr(state.thinker_cache, "valid") for state in states):
+            raise ValueError("merging needs the static thinker path (static_thinker=True)")
+        first = states[0]
+        # backbone: slots [0, filled) used; the rest of the answers needs at most this many more
+        filled = max(state.next_slot for state in states)
+        total = filled + frames_left + 2 * (frames_left // per_text + 1)
+        ends = [state.next_slot for state in states]
+        layers = range(len(first.cache.keys))
+        cache = ChromaKVCache.from_buffers(
+            [align_slots([state.cache.keys[i] for state in states], ends, total, filled, dim=2) for i in layers],
+            [align_slots([state.cache.values[i] for state in states], ends, total, filled, dim=2) for i in layers],
+        )
+        slot_valid = align_slots([state.slot_valid for state in states], ends, total, filled)
+        # thinker: one text step per `per_text` frames
+        t_filled = max(state.thinker_cache.length for state in states)
+        t_total = t_filled + frames_left // per_text + 2
+        t_ends = [state.thinker_cache.length for state in states]
+        t_layers = range(len(first.thinker_cache.keys))
+        thinker = type(first.thinker_cache)(
+            [align_slots([s.thinker_cache.keys[i] for s in states], t_ends, t_total, t_filled, dim=2) for i in t_layers],
+            [align_slots([s.thinker_cache.values[i] for s in states], t_ends, t_total, t_filled, dim=2)
+             for i in t_layers],
+            align_slots([state.thinker_cache.valid for state in states], t_ends, t_total, t_filled), t_filled,
+        )
+        masks = [state.thinker_mask for state in states]
+        width = max(m.shape[1] for m in masks)
+        thinker_mask = align_slots(masks, [m.shape[1] for m in masks], width, width)
+
+        def cat(name):
+            return torch.cat([getattr(state, name) for state in states])
+
+        forced_text = forced_rows = None
+        if any(state.forced_text is not None for state in states):  # pad every text with <|im_end|> to one width
+            width = max(state.forced_text.shape[1] for state in states if state.forced_text is not None)
+            texts, rows = [], []
+            for state in states:
+                batch = state.finished.shape[0]
+                text = state.forced_text if state.forced_text is not None else state.last_text_id.new_zeros(batch, 0)
+                texts.append(torch.nn.functional.pad(text, (0, width - text.shape[1]), value=self.config.im_end_token_id))
+                rows.append(state.forced_rows if state.forced_rows is not None
+                            else torch.full((batch,), state.forced_text is not None, device=text.device))
+            forced_text, forced_rows = torch.cat(texts), torch.cat(rows)
+        batch = sum(state.finished.shape[0] for state in states)
+        return ChromaGenerationState(
+            cache=cache, slot_valid=slot_valid, next_slot=filled, next_position=cat("next_position"),
+            depth_cache=ChromaKVCache(self.config.decoder_config, batch, self.config.audio_num_codebooks,
+                                      slot_valid.device, cache.keys[0].dtype),
+            thinker_cache=thinker, thinker_mask=thinker_mask, thinker_next_position=cat("thinker_next_position"),
+            thinker_alive=cat("thinker_alive"), last_text_id=cat("last_text_id"), text_count=cat("text_count"),
+            forced_text=forced_text, forced_rows=forced_rows, finished=cat("finished"),
+            frame_count=first.frame_count, row_frames=cat("row_frames"), last_frame=cat("last_frame"),
+            thinker_may_talk=any(state.thinker_may_talk for state in states),
+        )
 
 
 def collect_output(state, config) -> ChromaGenerateOutput:

@@ -602,8 +602,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     limits.add_argument("--default-max-frames", type=int, default=1000,
                         help="audio frames when a request sets none (80 ms each; default 1000 = 80 s)")
     batching = parser.add_argument_group("batching")
-    batching.add_argument("--max-batch-size", type=int, default=16, help="requests decoded together (default 16)")
-    batching.add_argument("--max-active-rows", type=int, default=64, help="requests in progress at once")
+    batching.add_argument("--max-batch-size", type=int, default=16,
+                          help="requests prefilled together when they join the running batch (default 16)")
+    batching.add_argument("--max-active-rows", type=int, default=64,
+                          help="requests decoding at once in the running batch; the rest wait (default 64)")
     batching.add_argument("--batch-window-ms", type=float, default=10.0,
                           help="how long an idle server waits to batch requests that arrive together")
     batching.add_argument("--chunk-frames", type=int, default=2, help="audio frames per streamed chunk")

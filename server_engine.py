@@ -1,22 +1,22 @@
 # Copyright 2026 The OpenChroma authors. Licensed under the Apache License, Version 2.0.
 """The generation engine of the server: one worker thread owns the model.
 
-Batching (`ChromaEngine`): requests wait in one FIFO queue. The worker admits every waiting request it has room for
-as a *cohort*: one batched `ChromaGenerator.stream()` whose rows are the requests (the model gives each row of a
-batch what it would give it alone). Requests that arrive while cohorts run form a new cohort at the next chunk
-boundary, and the worker advances the active cohorts round-robin one chunk (`chunk_frames`) at a time, so a new
-request starts within one chunk instead of waiting for the running batch to end. Rows of one cohort share every
-decode step; different cohorts do not (joining a running batch would need the generator to merge per-row state).
+Continuous batching (`ChromaEngine`): requests wait in one FIFO queue. There is one running batch. Between two
+frames the worker prefills the requests that arrived (one batched `ChromaGenerator.start`, up to max_batch_size),
+runs their first frame, and merges their state into the running batch (`ChromaGenerator.merge_states`: each row's
+caches move in as left padding, so its answer does not change), after one more frame on their own when they are
+off the batch's text schedule. From the next frame on they share every decode step; rows that finish leave the
+batch at once (`ChromaGenerator.select_rows`).
 
-Per-row behaviour inside a cohort, so that a request's output never depends on its neighbours:
+Per-row behaviour, so that a request's output never depends on its neighbours:
     * sampling: every row has its own `SamplingParams` and its own `torch.Generator` (`RowSamplingGenerator`), seeded
       with the request's `seed` (or a random one); its draws are exactly those of `model.generate(seed=...)` alone;
     * limits: audio frames, text tokens, text-only answers and cancellation end single rows (`RowLimits`);
-    * a client that disconnects sets its row's cancel flag: the row ends after the current frame, and a cohort
-      whose rows all ended stops, freeing its slots;
+    * a client that disconnects sets its row's cancel flag: the row ends after the current frame and leaves the
+      batch, freeing its slot;
     * audio: the engine decodes the codes with the streaming Mimi decoder, batched (a row's samples may differ
-      from its solo run by float rounding, at most 1 LSB of 16-bit PCM) or, with `exact_audio`, row by row
-      (bit-identical to the solo run). Codes and text are identical either way.
+      from its solo run by float rounding, at most 1 LSB of 16-bit PCM) or, with `exact_audio`, row by row at the
+      row's own chunk boundaries (bit-identical to the solo run). Codes and text are identical either way.
 
 Not a hub file (needs the `server` extra).
 """
@@ -100,36 +100,57 @@ class RowLimits:
 
     def __call__(self, state):
         state.thinker_alive = state.thinker_alive & (state.text_count < self.max_text)
-        stop = (len(state.frames) >= self.max_frames) | (self.text_only & ~state.thinker_alive)
+        stop = (state.row_frames >= self.max_frames) | (self.text_only & ~state.thinker_alive)
         if any(job.cancel.is_set() for job in self.jobs):
             stop = stop | torch.tensor([job.cancel.is_set() for job in self.jobs], device=stop.device)
         return stop
 
 
 @dataclass
-class Cohort:
-    """Requests admitted together: one batched stream, advanced one chunk at a time."""
+class RunningBatch:
+    """The rows decoding together: one generation state, advanced one frame at a time. Requests join it (their
+    states merged in) and leave it (their rows dropped) between frames."""
 
     jobs: List[GenerationJob]
-    chunks: Any  # the ChromaGenerator.stream iterator (codes and text; audio is decoded by the engine)
-    codec_states: list  # one MimiStreamState for the whole batch, or one per row (exact_audio)
-    # per row: the answer is complete; text ids and audio frames sent so far; the last text id
-    ended: List[bool] = field(init=False)
-    text_counts: List[int] = field(init=False)
-    frame_counts: List[int] = field(init=False)
-    last_text: List[Optional[int]] = field(init=False)
+    state: Any  # ChromaGenerationState
+    generators: List[Optional[torch.Generator]]  # per row: its sampling generator (None: greedy)
+    codec_states: list  # one MimiStreamState for the whole batch, or one per row (exact_audio; None: no audio)
+    runner: Any = None  # RowSamplingGenerator for these rows
+    limits: Any = None  # RowLimits for these rows
+    frames_since_emit: int = 0  # batched audio: frames since the whole batch was last delivered
+    # per row: the answer is complete; text ids and audio frames sent so far; the last text id; frames generated;
+    # output not yet delivered (codes [n, K] pieces, how many of those frames are the row's, text ids)
+    ended: List[bool] = field(default_factory=list)
+    text_counts: List[int] = field(default_factory=list)
+    frame_counts: List[int] = field(default_factory=list)
+    last_text: List[Optional[int]] = field(default_factory=list)
+    row_frames: List[int] = field(default_factory=list)
+    pending_codes: List[list] = field(default_factory=list)
+    pending_valid: List[int] = field(default_factory=list)
+    pending_text: List[list] = field(default_factory=list)
+    finished: List[bool] = field(default_factory=list)
+
+    ROW_FIELDS = ("jobs", "generators", "ended", "text_counts", "frame_counts", "last_text", "row_frames",
+                  "pending_codes", "pending_valid", "pending_text", "finished")
 
     def __post_init__(self):
         n = len(self.jobs)
-        self.ended, self.text_counts, self.frame_counts, self.last_text = [False] * n, [0] * n, [0] * n, [None] * n
+        self.ended, self.text_counts, self.frame_counts = [False] * n, [0] * n, [0] * n
+        self.last_text, self.row_frames, self.pending_valid = [None] * n, [0] * n, [0] * n
+        self.pending_codes, self.pending_text = [[] for _ in range(n)], [[] for _ in range(n)]
+        self.finished = [False] * n
+
+    @property
+    def active(self) -> int:
+        return len(self.jobs) - sum(self.ended)
 
 
 class ChromaEngine:
     """Owns the model on one worker thread; see the module docstring for the scheduling.
 
-    max_batch_size: rows per cohort; max_active_rows: rows across all running cohorts (the rest wait, FIFO);
-    batch_window_s: when idle, how long the first request waits for others to share its cohort;
-    chunk_frames: frames per chunk (the granularity of streaming and of round-robin between cohorts);
+    max_batch_size: requests prefilled together when they join; max_active_rows: rows decoding at once (the rest
+    wait, FIFO); batch_window_s: when idle, how long the first request waits for others to join with it;
+    chunk_frames: frames between deliveries of text and audio to the clients (the first entry);
     exact_audio: decode every row's audio on its own (a batch-of-one Mimi call per row and chunk), so a request's
         audio is bit-identical alone or under load. Batched decoding (the default) is faster; its rows differ from
         solo decoding by float re-association (|error| ~1e-6, at most 1 LSB of 16-bit PCM). The codes and text
@@ -149,8 +170,7 @@ class ChromaEngine:
         self.chunk_frames = tuple(chunk_frames)
         self.metrics = collections.Counter()
         self._pending = collections.deque()  # GenerationJob | (callable, Future), FIFO
-        self._cohorts = []  # running Cohorts, advanced in turn
-        self._turn = 0
+        self._batch: Optional[RunningBatch] = None
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = None
@@ -194,48 +214,42 @@ class ChromaEngine:
     def status(self) -> dict:
         with self._wake:
             queued = sum(isinstance(p, GenerationJob) for p in self._pending)
-            active = sum(len(c.jobs) - sum(c.ended) for c in self._cohorts)
-            return {"queued": queued, "active_rows": active, "cohorts": len(self._cohorts),
-                    "worker_alive": self.alive, **self.metrics}
+            active = self._batch.active if self._batch is not None else 0
+            return {"queued": queued, "active_rows": active, "worker_alive": self.alive, **self.metrics}
 
     # -- worker thread -----------------------------------------------------------------------------------------------
 
     def _run(self):
-        logger.info("worker started (max batch %d, %d active rows)", self.max_batch_size, self.max_active_rows)
+        logger.info("worker started (joins of up to %d, %d active rows)", self.max_batch_size, self.max_active_rows)
         while True:
             with self._wake:
-                while not self._pending and not self._cohorts and not self._stopping:
+                while not self._pending and self._batch is None and not self._stopping:
                     self._wake.wait()
                 if self._stopping:
                     break
-                if not self._cohorts and self._pending and self.batch_window_s > 0:
+                if self._batch is None and self._pending and self.batch_window_s > 0:
                     self._wait_for_company()
                 admitted = self._take_admissible()
             for item in admitted:
                 if isinstance(item, tuple):
                     self._run_call(*item)
             jobs = [item for item in admitted if isinstance(item, GenerationJob)]
-            for kind in ("chat", "speech"):  # a batch is all free-talking or all forced-text (speech) rows
+            for kind in ("chat", "speech"):  # one prefill is all free-talking or all forced-text (speech) rows
                 group = [job for job in jobs if job.kind == kind]
                 for start in range(0, len(group), self.max_batch_size):
                     rows = group[start:start + self.max_batch_size]
                     try:
-                        self._start_cohort(rows)
+                        self._join(rows)
                     except Exception as error:
                         self._fail(rows, error)
-            if self._cohorts:  # round-robin: one chunk of the next cohort
-                self._turn %= len(self._cohorts)
-                cohort = self._cohorts[self._turn]
+            if self._batch is not None:
                 try:
-                    keep = self._advance(cohort)
+                    self._advance()
                 except Exception as error:
-                    self._fail([job for job, ended in zip(cohort.jobs, cohort.ended) if not ended], error)
-                    keep = False
-                if keep:
-                    self._turn += 1
-                else:
+                    batch = self._batch
+                    self._fail([job for job, ended in zip(batch.jobs, batch.ended) if not ended], error)
                     with self._wake:
-                        self._cohorts.remove(cohort)
+                        self._batch = None
         self._shutdown()
 
     def _fail(self, jobs, error):
@@ -257,7 +271,7 @@ class ChromaEngine:
     def _take_admissible(self):
         """Pop pending items in FIFO order while rows are free (lock held by caller). A job that does not fit stops
         admission, so later requests never overtake it."""
-        active = sum(len(c.jobs) - sum(c.ended) for c in self._cohorts)
+        active = self._batch.active if self._batch is not None else 0
         admitted = []
         while self._pending:
             item = self._pending[0]
@@ -277,10 +291,13 @@ class ChromaEngine:
         except BaseException as error:  # handed to the waiting request
             future.set_exception(error)
 
-    def _start_cohort(self, jobs: List[GenerationJob]):
+    # -- joining, stepping, leaving ------------------------------------------------------------------------------------
+
+    def _ready(self, jobs: List[GenerationJob]) -> List[GenerationJob]:
+        """Drop jobs whose client left while queued; encode reference voices (a 400 for one that fails)."""
         ready = []
         for job in jobs:
-            if job.cancel.is_set():  # the client left while queued
+            if job.cancel.is_set():
                 self.metrics["cancelled_total"] += 1
                 continue
             if job.voice is None and job.reference is not None:
@@ -293,20 +310,15 @@ class ChromaEngine:
             if job.voice is None:  # a text-only answer: the thinker's text never depends on the voice
                 job.voice = silent_voice(self.model)
             ready.append(job)
-        if not ready:
-            return
-        chunks = self._stream(ready)
-        wants_audio = [job.want_audio for job in ready]
-        if self.exact_audio:
-            states = [self.audio_decoder.init_state(1) if want else None for want in wants_audio]
-        else:
-            states = [self.audio_decoder.init_state(len(ready))] if any(wants_audio) else []
-        with self._wake:
-            self._cohorts.append(Cohort(ready, chunks, states))
-        self.metrics["batches_total"] += 1
-        logger.debug("started a %s batch of %d", ready[0].kind, len(ready))
+        return ready
 
-    def _stream(self, jobs: List[GenerationJob]):
+    @torch.no_grad()
+    def _join(self, jobs: List[GenerationJob]):
+        """Prefill new requests (one batch), take their first frame, deliver it, and merge them into the running
+        batch (after one more frame alone when they are off the running batch's text schedule)."""
+        jobs = self._ready(jobs)
+        if not jobs:
+            return
         inputs = collate_thinker_inputs([job.thinker_inputs for job in jobs], self.processor.tokenizer.pad_token_id)
         forced = [job.forced_text_ids for job in jobs] if jobs[0].kind == "speech" else None
         inputs = self.model.prepare_generation_inputs(
@@ -317,82 +329,171 @@ class ChromaEngine:
         for job in jobs:
             seed = job.seed if job.seed is not None else secrets.randbits(63)
             generators.append(torch.Generator(device=self.device).manual_seed(seed) if job.sampling.do_sample else None)
-        runner = RowSamplingGenerator(self.model, [job.sampling for job in jobs], generators)
-        return runner.stream(
-            inputs, max(job.max_frames for job in jobs), chunk_frames=self.chunk_frames,
-            decode_audio=False, stopping_criteria=[RowLimits(jobs, self.device)],
-            reuse_voice_kv=True,
-        )
+        newcomers = RunningBatch(jobs, None, generators, self._new_codec_states(jobs))
+        self._refresh(newcomers)
+        state, embeds, valid = newcomers.runner.start(inputs, max(job.max_frames for job in jobs),
+                                                       reuse_voice_kv=True)
+        newcomers.state = state
+        self._step(newcomers, embeds, valid)
+        self.metrics["batches_total"] += 1
+        running = self._batch
+        if running is not None and running.active == 0:
+            running = None
+        if running is not None and not all(newcomers.ended):
+            per_text = self.model.config.audio_frames_per_text_token
+            if state.frame_count % per_text != running.state.frame_count % per_text:
+                self._step(newcomers)
+        if all(newcomers.ended):  # e.g. answers that ended on their first frame
+            return
+        if running is None:
+            with self._wake:
+                self._batch = newcomers
+            return
+        self._merge(running, newcomers)
+        self.metrics["joined_running_total"] += len(newcomers.jobs)
+        logger.debug("%d request(s) joined a running batch of %d", len(newcomers.jobs), running.active)
 
-    def _advance(self, cohort: Cohort) -> bool:
-        """Run the cohort to its next chunk and hand every row its part. -> False when the cohort is over."""
-        try:
-            with torch.no_grad():
-                chunk = next(cohort.chunks)
-        except StopIteration:
-            self._end_rows(cohort, range(len(cohort.jobs)))
-            return False
-        pcm = self._decode(cohort, chunk)
+    def _merge(self, running: RunningBatch, newcomers: RunningBatch):
+        """newcomers' rows join `running`. With batched audio both sides first deliver what they hold, so that one
+        decoder state can serve all rows from here on; with exact audio every row keeps its own pending output."""
+        if not self.exact_audio:
+            for batch in (running, newcomers):
+                self._deliver_batch(batch)
+        frames_left = max(job.max_frames - done for batch in (running, newcomers)
+                          for job, done in zip(batch.jobs, batch.row_frames))
+        running.state = running.runner.merge_states([running.state, newcomers.state], max(frames_left, 1))
+        if self.exact_audio:
+            running.codec_states = running.codec_states + newcomers.codec_states
+        elif running.codec_states or newcomers.codec_states:  # one decoder state over all rows
+            parts = [batch.codec_states[0] if batch.codec_states else self.audio_decoder.init_state(len(batch.jobs))
+                     for batch in (running, newcomers)]
+            running.codec_states = [self.audio_decoder.concat_states(parts)]
+        for name in RunningBatch.ROW_FIELDS:
+            getattr(running, name).extend(getattr(newcomers, name))
+        self._refresh(running)
+
+    def _refresh(self, batch: RunningBatch):
+        """Per-row sampling and limits for the batch's current rows."""
+        batch.runner = RowSamplingGenerator(self.model, [job.sampling for job in batch.jobs], batch.generators)
+        batch.limits = RowLimits(batch.jobs, self.device)
+
+    def _new_codec_states(self, jobs: List[GenerationJob]) -> list:
+        if self.exact_audio:
+            return [self.audio_decoder.init_state(1) if job.want_audio else None for job in jobs]
+        return [self.audio_decoder.init_state(len(jobs))] if any(job.want_audio for job in jobs) else []
+
+    def _advance(self):
+        """One frame of the running batch, its deliveries, and the removal of rows that ended."""
+        batch = self._batch
+        self._step(batch)
+        if any(batch.ended):
+            keep = [b for b, ended in enumerate(batch.ended) if not ended]
+            with self._wake:
+                if not keep:
+                    self._batch = None
+                    return
+                self._drop_ended(batch, keep)
+
+    def _step(self, batch: RunningBatch, embeds=None, valid=None):
+        """One frame; its output joins each row's pending output, which is delivered at the row's chunk boundaries
+        (exact audio: every `chunk_frames` frames of the row's own, as `model.stream(chunk_frames=...)` would) or at
+        the batch's (batched audio)."""
+        with torch.no_grad():
+            batch.runner.step(batch.state, [batch.limits], embeds, valid)
+            chunk = batch.runner.take_chunk(batch.state)
         valid_counts = chunk.audio_valid.sum(-1).tolist()
         finished = chunk.finished.tolist()
-        samples_per_frame = self.audio_decoder.frame_samples
-        for b, job in enumerate(cohort.jobs):
-            if cohort.ended[b]:
-                continue
-            text_ids = chunk.text_ids[b].tolist()
-            cohort.text_counts[b] += len(text_ids)
-            if text_ids:
-                cohort.last_text[b] = text_ids[-1]
-            valid = int(valid_counts[b])
-            cohort.frame_counts[b] += valid
-            self.metrics["frames_total"] += valid
-            audio = pcm[b][: valid * samples_per_frame] if pcm[b] is not None else None
-            if text_ids or (audio is not None and len(audio)):
-                job.sink(("delta", text_ids, audio))
-            if finished[b] or job.cancel.is_set():
-                self._end_rows(cohort, [b])
-        return not all(cohort.ended)
+        for b in range(len(batch.jobs)):
+            batch.row_frames[b] += 1
+            batch.pending_codes[b].append(chunk.audio_codes[b])
+            batch.pending_valid[b] += int(valid_counts[b])
+            batch.pending_text[b].extend(chunk.text_ids[b].tolist())
+            batch.finished[b] = batch.finished[b] or finished[b]
+        size = self.chunk_frames[0]
+        if self.exact_audio:
+            for b, job in enumerate(batch.jobs):
+                if not batch.ended[b] and (batch.row_frames[b] % size == 0 or batch.finished[b] or job.cancel.is_set()):
+                    self._deliver_row(batch, b)
+        else:
+            batch.frames_since_emit += 1
+            if batch.frames_since_emit >= size or any(
+                    (f or job.cancel.is_set()) and not e for f, e, job in zip(batch.finished, batch.ended, batch.jobs)):
+                self._deliver_batch(batch)
 
-    def _decode(self, cohort: Cohort, chunk) -> list:
-        """The chunk's codes -> per row a float32 waveform [n * frame_samples] (None for rows without audio).
-        Rows past their end decode zeros, which keeps a batched decoder state aligned; their audio is dropped."""
-        codes = chunk.audio_codes.transpose(1, 2)  # [B, K, n]
-        rows = [None] * len(cohort.jobs)
-        if not cohort.codec_states:
-            return rows
-        if not self.exact_audio:
-            pcm = self.audio_decoder.decode_chunk(codes, cohort.codec_states[0]).float().cpu().numpy()
-            return [pcm[b] if job.want_audio else None for b, job in enumerate(cohort.jobs)]
-        for b, state in enumerate(cohort.codec_states):
-            if state is not None and not cohort.ended[b]:
-                rows[b] = self.audio_decoder.decode_chunk(codes[b:b + 1], state)[0].float().cpu().numpy()
-        return rows
+    def _drop_ended(self, batch: RunningBatch, keep: List[int]):
+        batch.state = batch.runner.select_rows(batch.state, keep)
+        for name in RunningBatch.ROW_FIELDS:
+            setattr(batch, name, [getattr(batch, name)[b] for b in keep])
+        if self.exact_audio:
+            batch.codec_states = [batch.codec_states[b] for b in keep]
+        elif batch.codec_states:
+            batch.codec_states = [self.audio_decoder.select_state(batch.codec_states[0], keep)]
+        self._refresh(batch)
 
-    def _end_rows(self, cohort: Cohort, rows):
+    def _deliver_row(self, batch: RunningBatch, b: int):
+        """Exact audio: decode row b's pending frames with its own decoder state and send them."""
+        audio = None
+        state = batch.codec_states[b]
+        if state is not None and batch.pending_codes[b]:
+            codes = torch.cat(batch.pending_codes[b]).T[None]  # [1, K, n]
+            audio = self.audio_decoder.decode_chunk(codes, state)[0].float().cpu().numpy()
+        self._send(batch, b, audio)
+
+    def _deliver_batch(self, batch: RunningBatch):
+        """Batched audio: decode every row's pending frames (the same count for all) in one call and send them."""
+        batch.frames_since_emit = 0
+        pcm = None
+        if batch.codec_states and batch.pending_codes[0]:
+            codes = torch.stack([torch.cat(pieces) for pieces in batch.pending_codes]).transpose(1, 2)  # [B, K, n]
+            pcm = self.audio_decoder.decode_chunk(codes, batch.codec_states[0]).float().cpu().numpy()
+        for b, job in enumerate(batch.jobs):
+            self._send(batch, b, pcm[b] if pcm is not None and job.want_audio else None)
+
+    def _send(self, batch: RunningBatch, b: int, audio):
+        """Hand row b its pending text and audio (the row's own frames only); end it if it finished."""
+        text_ids, valid = batch.pending_text[b], batch.pending_valid[b]
+        batch.pending_codes[b], batch.pending_text[b], batch.pending_valid[b] = [], [], 0
+        if batch.ended[b]:
+            return
+        job = batch.jobs[b]
+        batch.text_counts[b] += len(text_ids)
+        if text_ids:
+            batch.last_text[b] = text_ids[-1]
+        batch.frame_counts[b] += valid
+        self.metrics["frames_total"] += valid
+        if audio is not None:
+            audio = audio[: valid * self.audio_decoder.frame_samples]
+        if text_ids or (audio is not None and len(audio)):
+            job.sink(("delta", text_ids, audio))
+        if batch.finished[b] or job.cancel.is_set():
+            self._end_rows(batch, [b])
+
+    def _end_rows(self, batch: RunningBatch, rows):
         im_end = self.model.config.im_end_token_id
         for b in rows:
-            if cohort.ended[b]:
+            if batch.ended[b]:
                 continue
-            cohort.ended[b] = True
-            job = cohort.jobs[b]
+            batch.ended[b] = True
+            job = batch.jobs[b]
             if job.cancel.is_set():
                 reason = "cancelled"
                 self.metrics["cancelled_total"] += 1
-            elif cohort.frame_counts[b] >= job.max_frames:
+            elif batch.frame_counts[b] >= job.max_frames:
                 reason = "length"
-            elif not job.want_audio and cohort.last_text[b] != im_end:
+            elif not job.want_audio and batch.last_text[b] != im_end:
                 reason = "length"  # the text limit ended a text-only answer
             else:
                 reason = "stop"
             self.metrics["completed_total"] += reason != "cancelled"
-            job.sink(("done", reason, cohort.frame_counts[b], cohort.text_counts[b]))
+            job.sink(("done", reason, batch.frame_counts[b], batch.text_counts[b]))
 
     def _shutdown(self):
-        for cohort in self._cohorts:
-            for b, job in enumerate(cohort.jobs):
-                if not cohort.ended[b]:
+        batch = self._batch
+        if batch is not None:
+            for b, job in enumerate(batch.jobs):
+                if not batch.ended[b]:
                     job.sink(("error", 503, "The server is shutting down."))
-        self._cohorts.clear()
+        self._batch = None
         while self._pending:
             item = self._pending.popleft()
             if isinstance(item, tuple):

@@ -231,3 +231,34 @@ def test_frame_samples_and_empty_chunk():
 def test_unstreamable_configs_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         MimiStreamingDecoder(random_mimi(**overrides))
+
+
+@pytest.mark.parametrize("sliding_window", [8, None])
+def test_streams_joining_and_leaving_a_batch_decode_as_alone(sliding_window):
+    """Decoder states concatenated (a stream joins a running batch) and selected (streams leave) keep every stream's
+    audio what it is alone, with the window's fixed cache and with caches of different lengths (no window)."""
+    codec = random_mimi(sliding_window=8)
+    decoder = MimiStreamingDecoder(codec, sliding_window=sliding_window)
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, codec.config.codebook_size, (3, codec.config.num_quantizers, 12), generator=g)
+    alone = [stream(decoder, codes[b:b + 1], [3, 4, 5])[0] for b in range(3)]
+    first = decoder.init_state(1)
+    pieces = [[decoder.decode_chunk(codes[0:1, :, :3], first)[0]], [], []]
+    pieces[0].append(decoder.decode_chunk(codes[0:1, :, 3:7], first)[0])  # stream 0 is 7 frames ahead
+    late = decoder.init_state(2)
+    out = decoder.decode_chunk(codes[1:3, :, :2], late)
+    pieces[1].append(out[0])
+    pieces[2].append(out[1])
+    together = decoder.concat_states([first, late])
+    out = decoder.decode_chunk(torch.cat([codes[0:1, :, 7:10], codes[1:3, :, 2:5]]), together)
+    for b in range(3):
+        pieces[b].append(out[b])
+    rest = decoder.select_state(together, [2, 0])  # stream 1 leaves; the others go on in a new order
+    out = decoder.decode_chunk(torch.cat([codes[2:3, :, 5:7], codes[0:1, :, 10:12]]), rest)
+    pieces[2].append(out[0])
+    pieces[0].append(out[1])
+    frame = decoder.frame_samples
+    for b, length in ((0, 12), (1, 5), (2, 7)):
+        streamed = torch.cat(pieces[b])
+        assert streamed.shape[-1] == length * frame
+        assert relative_error(streamed, alone[b][..., : length * frame]) <= TOLERANCE

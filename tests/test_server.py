@@ -367,6 +367,77 @@ def test_concurrent_streams_equal_solo_runs(server):
     assert reseeded[1] != solo[0][1]
 
 
+def test_requests_join_a_running_batch(server):
+    """Requests arriving while a long answer streams join its batch at the next frame (continuous batching): chat
+    (greedy and seeded) and speech rows, joining at different frames, each get exactly their solo answer; the long
+    answer is unchanged by its company."""
+    client = server.client()
+    long_body = {"model": MODEL, "modalities": ["text", "audio"], "messages": user("Tell me a long story."),
+                 "audio": {"voice": server.voice, "format": "pcm16"}, "temperature": 0.8, "seed": 7,
+                 "extra_body": {"max_audio_frames": 120}}
+    bodies = []
+    for i in range(6):
+        body = {"model": MODEL, "modalities": ["text", "audio"], "messages": user(["Hi!", "Why?", "Sing."][i % 3]),
+                "audio": {"voice": server.voice2 if i % 2 else server.voice, "format": "pcm16"},
+                "extra_body": {"max_audio_frames": 4 + i}}
+        if i % 2:
+            body.update(temperature=0.9, top_p=0.9, seed=50 + i)
+        bodies.append(body)
+    speech = dict(model=MODEL, voice=server.voice, input="Joining late.", response_format="pcm",
+                  extra_body={"max_audio_frames": 5})
+
+    def speak():
+        return client.audio.speech.create(**speech).content
+
+    solo_long, solo = stream_chat(server.url, long_body), [stream_chat(server.url, body) for body in bodies]
+    solo_speech = speak()
+
+    def run_with_company():
+        joined_before = server.health().get("joined_running_total", 0)
+        started = threading.Event()
+        result = {}
+
+        def long_answer():
+            client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+            transcript, pcm = "", b""
+            for chunk in client.chat.completions.create(stream=True, **long_body):
+                audio = getattr(chunk.choices[0].delta, "audio", None)
+                if audio:
+                    transcript += audio_field(audio, "transcript")
+                    pcm += base64.b64decode(audio_field(audio, "data"))
+                    started.set()
+            result["long"] = (transcript, pcm, "length")
+
+        thread = threading.Thread(target=long_answer)
+        thread.start()
+        assert started.wait(30)
+        with concurrent.futures.ThreadPoolExecutor(7) as pool:
+            chats = [pool.submit(stream_chat, server.url, body) for body in bodies]
+            time.sleep(0.05)  # some arrive a few frames later than others
+            spoken = pool.submit(speak)
+            outputs = [f.result() for f in chats], spoken.result()
+        thread.join(60)
+        assert server.health()["joined_running_total"] - joined_before >= 1
+        return result["long"], outputs
+
+    engine = server.app.state.engine
+    engine.exact_audio = True  # each row's audio decoded alone: bit-identical
+    try:
+        long_answer, (chats, spoken) = run_with_company()
+    finally:
+        engine.exact_audio = False
+    assert long_answer == solo_long
+    assert chats == solo
+    assert spoken == solo_speech
+    # batched audio decoding: the same codes and text, samples within float rounding (1 LSB)
+    long_answer, (chats, spoken) = run_with_company()
+    for got, expected in zip([long_answer] + chats, [solo_long] + solo):
+        assert (got[0], len(got[1]), got[2]) == (expected[0], len(expected[1]), expected[2])
+        difference = np.frombuffer(got[1], "<i2").astype(int) - np.frombuffer(expected[1], "<i2")
+        assert np.abs(difference).max() <= 1
+    assert np.abs(np.frombuffer(spoken, "<i2").astype(int) - np.frombuffer(solo_speech, "<i2")).max() <= 1
+
+
 def test_seeded_answer_equals_the_library(server):
     """A seeded, sampled answer from the server is what `model.stream(seed=...)` gives for the same inputs."""
     body = {"model": MODEL, "modalities": ["text", "audio"], "audio": {"voice": server.voice, "format": "pcm16"},
