@@ -755,7 +755,7 @@ class ChromaGenerator:
         The states must be at the same point of the text schedule (frame counts of equal parity), and each must
         have taken its first (prompt) step. `frames_left`: the most frames any row may still generate (sizes the
         caches). The merged state's output lists (frames, text ids, logits) start empty: take each state's output
-        (`make_chunk`) before merging."""
+        (`take_chunk`) before merging."""
         per_text = self.config.audio_frames_per_text_token
         if len({state.frame_count % per_text for state in states}) != 1:
             raise ValueError("states at different points of the text schedule cannot be merged")
