@@ -9,7 +9,8 @@ The hub files (configuration_/modeling_/generation_/processing_chroma.py) never 
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_chroma import ChromaBackboneConfig, ChromaConfig, ChromaDecoderConfig
-from .generation_chroma import ChromaChunk, ChromaGenerateOutput, ChromaGenerator, ChromaVoice, SamplingParams
+from .generation_chroma import ChromaGenerator
+from .state_chroma import ChromaChunk, ChromaGenerateOutput, ChromaVoice, SamplingParams
 from .modeling_chroma import ChromaForConditionalGeneration
 
 

@@ -367,7 +367,8 @@ class MimiStreamingDecoder:
         return MimiStreamState(
             conv_context={name: t.index_select(0, index) for name, t in state.conv_context.items()},
             transposed_overlap={name: t.index_select(0, index) for name, t in state.transposed_overlap.items()},
-            keys=[k.index_select(0, index) for k in state.keys], values=[v.index_select(0, index) for v in state.values],
+            keys=[k.index_select(0, index) for k in state.keys],
+            values=[v.index_select(0, index) for v in state.values],
             key_positions=state.key_positions.index_select(0, index), next_position=state.next_position[index],
             started=state.started[index],
         )

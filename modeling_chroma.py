@@ -37,7 +37,8 @@ from transformers.utils import ModelOutput, logging
 
 from .codec_chroma import MimiStreamingDecoder
 from .configuration_chroma import ChromaBackboneConfig, ChromaConfig, ChromaDecoderConfig
-from .generation_chroma import ChromaGenerationMixin, padding_causal_mask
+from .generation_chroma import ChromaGenerationMixin
+from .state_chroma import padding_causal_mask
 
 
 logger = logging.get_logger(__name__)

@@ -47,7 +47,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .generation_chroma import ChromaVoice
+from .state_chroma import ChromaVoice
 from .processing_chroma import load_audio
 from .server_engine import ChromaEngine, GenerationJob
 from .server_requests import AnswerMemory, IncrementalText, RequestBuilder, VoiceStore

@@ -3,10 +3,10 @@
 
 Continuous batching (`ChromaEngine`): requests wait in one FIFO queue. There is one running batch. Between two
 frames the worker prefills the requests that arrived (one batched `ChromaGenerator.start`, up to max_batch_size),
-runs their first frame, and merges their state into the running batch (`ChromaGenerator.merge_states`: each row's
+runs their first frame, and merges their state into the running batch (`state_chroma.merge_states`: each row's
 caches move in as left padding, so its answer does not change), after one more frame on their own when they are
 off the batch's text schedule. From the next frame on they share every decode step; rows that finish leave the
-batch at once (`ChromaGenerator.select_rows`).
+batch at once (`state_chroma.select_rows`).
 
 Per-row behaviour, so that a request's output never depends on its neighbours:
     * sampling: every row has its own `SamplingParams` and its own `torch.Generator` (`RowSamplingGenerator`), seeded
@@ -32,7 +32,8 @@ from typing import Any, Callable, Dict, List, Literal, Optional
 
 import torch
 
-from .generation_chroma import ChromaGenerator, ChromaVoice, SamplingParams, sample_next_token
+from .generation_chroma import ChromaGenerator
+from .state_chroma import ChromaVoice, SamplingParams, merge_states, sample_next_token, select_rows
 from .server_schemas import APIError
 
 
@@ -361,7 +362,7 @@ class ChromaEngine:
                 self._deliver_batch(batch)
         frames_left = max(job.max_frames - done for batch in (running, newcomers)
                           for job, done in zip(batch.jobs, batch.row_frames))
-        running.state = running.runner.merge_states([running.state, newcomers.state], max(frames_left, 1))
+        running.state = merge_states([running.state, newcomers.state], max(frames_left, 1), self.model.config)
         if self.exact_audio:
             running.codec_states = running.codec_states + newcomers.codec_states
         elif running.codec_states or newcomers.codec_states:  # one decoder state over all rows
@@ -421,7 +422,7 @@ class ChromaEngine:
                 self._deliver_batch(batch)
 
     def _drop_ended(self, batch: RunningBatch, keep: List[int]):
-        batch.state = batch.runner.select_rows(batch.state, keep)
+        batch.state = select_rows(batch.state, keep, self.model.config)
         for name in RunningBatch.ROW_FIELDS:
             setattr(batch, name, [getattr(batch, name)[b] for b in keep])
         if self.exact_audio:

@@ -25,7 +25,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .generation_chroma import ChromaVoice, SamplingParams
+from .state_chroma import ChromaVoice, SamplingParams
 from .processing_chroma import load_audio
 from .server_engine import GenerationJob
 from .server_schemas import (

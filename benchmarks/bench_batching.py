@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_job(engine, processor, voice, frames, index, done):
-    from openchroma.generation_chroma import SamplingParams
+    from openchroma.state_chroma import SamplingParams
     from openchroma.server_engine import GenerationJob
 
     conversation = [{"role": "user", "content": [{"type": "text", "text": f"Question number {index}?"}]}]

@@ -84,7 +84,9 @@ def test_tiny_config_matches_fixture_sizes():
             assert a[key] == b[key], (sub, key)
 
 
-HUB_FILES = ["configuration_chroma.py", "modeling_chroma.py", "generation_chroma.py", "codec_chroma.py"]
+HUB_FILES = [
+    "configuration_chroma.py", "modeling_chroma.py", "generation_chroma.py", "state_chroma.py", "codec_chroma.py",
+]
 ALLOWED = {"torch", "transformers", "numpy", "math", "dataclasses", "typing", "collections", "functools", "itertools",
            "contextlib", "warnings", "logging", "copy", "os", "re", "json", "io", "abc", "enum", "threading", "time",
            "weakref"}

@@ -1,4 +1,4 @@
-"""Rows joining and leaving a running batch (ChromaGenerator.merge_states / select_rows): every row's answer is
+"""Rows joining and leaving a running batch (state_chroma.merge_states / select_rows): every row's answer is
 exactly its solo answer, whenever it joined and whoever it shared steps with."""
 
 import pytest
@@ -6,6 +6,7 @@ import torch
 
 from conftest import reference
 from openchroma import ChromaGenerator
+from openchroma.state_chroma import merge_states, select_rows
 from test_generation import variant_inputs
 
 FRAMES = 9
@@ -70,20 +71,20 @@ def test_rows_joining_and_leaving_a_running_batch_get_their_solo_answers(ref_nam
         runner.step(state, stop)
         got.take(runner, state, names)
     b = started(runner, model, requests["b"], got, "b")  # 1 frame: same parity as a's 5
-    state, names = runner.merge_states([state, b], frames_left=FRAMES), names + ["b"]
+    state, names = merge_states([state, b], FRAMES, model.config), names + ["b"]
     runner.step(state, stop)
     got.take(runner, state, names)
     c = started(runner, model, requests["c"], got, "c", forced.get("c"))  # 1 frame vs 6: one step alone first
     runner.step(c, stop)
     got.take(runner, c, ["c"])
-    state, names = runner.merge_states([c, state], frames_left=FRAMES), ["c"] + names
+    state, names = merge_states([c, state], FRAMES, model.config), ["c"] + names
     while len(got.done) < 3:
         runner.step(state, stop)
         got.take(runner, state, names)
         ended = [i for i, name in enumerate(names) if name in got.done]
         if ended and len(ended) < len(names):  # drop the finished rows; the others go on
             keep = [i for i in range(len(names)) if i not in ended]
-            state, names = runner.select_rows(state, keep), [names[i] for i in keep]
+            state, names = select_rows(state, keep, model.config), [names[i] for i in keep]
     for name, (codes, text) in expected.items():
         got_codes, got_text = got.result(name)
         assert torch.equal(got_codes, codes), name
@@ -98,4 +99,4 @@ def test_merge_refuses_states_at_different_points_of_the_text_schedule():
     runner.step(a)
     b = started(runner, model, variant_inputs(ref, seed=4), got, "b")
     with pytest.raises(ValueError, match="text schedule"):
-        runner.merge_states([a, b], frames_left=4)
+        merge_states([a, b], 4, model.config)

@@ -6,7 +6,7 @@ import torch
 
 from conftest import reference, tiny_model
 from openchroma import ChromaGenerator, SamplingParams
-from openchroma.generation_chroma import padding_causal_mask, sample_next_token
+from openchroma.state_chroma import padding_causal_mask, sample_next_token
 
 
 def variant_inputs(ref, seed, text_len=None, audio_len=None):

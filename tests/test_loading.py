@@ -20,7 +20,9 @@ from conftest import FIXTURES, reference
 from openchroma import ChromaConfig, ChromaForConditionalGeneration
 
 REPO = Path(__file__).resolve().parents[1]
-HUB_FILES = ["configuration_chroma.py", "modeling_chroma.py", "generation_chroma.py", "codec_chroma.py"]
+HUB_FILES = [
+    "configuration_chroma.py", "modeling_chroma.py", "generation_chroma.py", "state_chroma.py", "codec_chroma.py",
+]
 AUDIO_TABLE = "audio_embedding.embed_audio_tokens.weight"
 
 
