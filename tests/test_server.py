@@ -369,8 +369,8 @@ def test_concurrent_streams_equal_solo_runs(server):
 
 def test_requests_join_a_running_batch(server):
     """Requests arriving while a long answer streams join its batch at the next frame (continuous batching): chat
-    (greedy and seeded) and speech rows, joining at different frames, each get exactly their solo answer; the long
-    answer is unchanged by its company."""
+    (greedy and seeded), speech and text-only rows, joining at different frames, each get exactly their solo answer;
+    the long answer is unchanged by its company."""
     client = server.client()
     long_body = {"model": MODEL, "modalities": ["text", "audio"], "messages": user("Tell me a long story."),
                  "audio": {"voice": server.voice, "format": "pcm16"}, "temperature": 0.8, "seed": 7,
@@ -389,8 +389,12 @@ def test_requests_join_a_running_batch(server):
     def speak():
         return client.audio.speech.create(**speech).content
 
+    def text_only():  # no audio: the row leaves when its text is complete
+        return client.chat.completions.create(model=MODEL, messages=user("Count to three."),
+                                              max_completion_tokens=6).choices[0].message.content
+
     solo_long, solo = stream_chat(server.url, long_body), [stream_chat(server.url, body) for body in bodies]
-    solo_speech = speak()
+    solo_speech, solo_text = speak(), text_only()
 
     def run_with_company():
         joined_before = server.health().get("joined_running_total", 0)
@@ -411,11 +415,11 @@ def test_requests_join_a_running_batch(server):
         thread = threading.Thread(target=long_answer)
         thread.start()
         assert started.wait(30)
-        with concurrent.futures.ThreadPoolExecutor(7) as pool:
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
             chats = [pool.submit(stream_chat, server.url, body) for body in bodies]
             time.sleep(0.05)  # some arrive a few frames later than others
-            spoken = pool.submit(speak)
-            outputs = [f.result() for f in chats], spoken.result()
+            spoken, written = pool.submit(speak), pool.submit(text_only)
+            outputs = [f.result() for f in chats], spoken.result(), written.result()
         thread.join(60)
         assert server.health()["joined_running_total"] - joined_before >= 1
         return result["long"], outputs
@@ -423,14 +427,16 @@ def test_requests_join_a_running_batch(server):
     engine = server.app.state.engine
     engine.exact_audio = True  # each row's audio decoded alone: bit-identical
     try:
-        long_answer, (chats, spoken) = run_with_company()
+        long_answer, (chats, spoken, written) = run_with_company()
     finally:
         engine.exact_audio = False
     assert long_answer == solo_long
     assert chats == solo
     assert spoken == solo_speech
+    assert written == solo_text
     # batched audio decoding: the same codes and text, samples within float rounding (1 LSB)
-    long_answer, (chats, spoken) = run_with_company()
+    long_answer, (chats, spoken, written) = run_with_company()
+    assert written == solo_text
     for got, expected in zip([long_answer] + chats, [solo_long] + solo):
         assert (got[0], len(got[1]), got[2]) == (expected[0], len(expected[1]), expected[2])
         difference = np.frombuffer(got[1], "<i2").astype(int) - np.frombuffer(expected[1], "<i2")
