@@ -33,7 +33,7 @@ from typing import Any, Callable, Dict, List, Literal, Optional
 import torch
 
 from .generation_chroma import ChromaGenerator
-from .state_chroma import ChromaVoice, SamplingParams, merge_states, sample_next_token, select_rows
+from .state_chroma import ChromaVoice, SamplingParams, merge_states, sample_rows, select_rows
 from .server_schemas import APIError
 
 
@@ -71,19 +71,23 @@ class RowSamplingGenerator(ChromaGenerator):
     """A `ChromaGenerator` whose rows sample independently: row b draws with its own params and torch.Generator.
 
     One shared generator would make a row's draws depend on its neighbours (a [B, V] draw consumes the stream for
-    every row). Here a sampled row runs `sample_next_token` on its own logits [1, V] with its own generator, which
-    is exactly what `model.generate(seed=...)` does for that request alone; greedy rows take the argmax together.
+    every row). Here sampled rows go through `sample_rows`: each row draws [1, V] from its own generator and gets
+    exactly what `model.generate(seed=...)` gives that request alone; greedy rows take the argmax together.
     """
 
     def __init__(self, model, row_sampling: List[SamplingParams], row_generators: List[Optional[torch.Generator]]):
         super().__init__(model)
-        self.sampled_rows = [(b, p, g) for b, (p, g) in enumerate(zip(row_sampling, row_generators)) if p.do_sample]
+        sampled = [b for b, p in enumerate(row_sampling) if p.do_sample]
+        self.sampled_index = torch.tensor(sampled, dtype=torch.long, device=model.backbone.codebook0_head.weight.device)
+        self.sampled_params = [row_sampling[b] for b in sampled]
+        self.sampled_generators = [row_generators[b] for b in sampled]
 
     def choose_code(self, logits, params):
         logits = logits[..., : self.config.codebook_size]  # never a special value: Mimi decodes every frame
         codes = logits.argmax(dim=-1)
-        for b, row_params, generator in self.sampled_rows:
-            codes[b] = sample_next_token(logits[b:b + 1], row_params, generator)[0]
+        if self.sampled_params:
+            drawn = sample_rows(logits[self.sampled_index], self.sampled_params, self.sampled_generators)
+            codes = codes.index_put((self.sampled_index,), drawn)
         return codes
 
 
