@@ -13,11 +13,10 @@ import datetime
 import statistics
 import threading
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from results_file import RESULTS, append_section
 
 
 def make_job(engine, processor, voice, frames, index, done):
@@ -74,7 +73,7 @@ def main():
     parser.add_argument("--gap-ms", type=float, default=20.0)
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from openchroma.server_engine import ChromaEngine
@@ -105,10 +104,7 @@ def main():
     for name, r in (("one at a time", alone), ("staggered, continuous batching", together)):
         lines.append(f"| {name} | {r['wall_s']:.2f} | {r['fps']:.0f} | {r['ttfa_median_s']:.3f} | "
                      f"{r['ttfa_max_s']:.3f} |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.results, "a") as f:
-        f.write(text)
+    append_section(args.results, lines)
 
 
 if __name__ == "__main__":

@@ -11,12 +11,12 @@ import argparse
 import datetime
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
+from results_file import RESULTS, append_section
+
 SHAPES = [(8192, 2048), (2048, 8192), (2048, 2048)]  # (out, in): backbone gate/up, down, q/o
 ROWS = [1, 2, 3, 8, 24, 64]
 
@@ -37,7 +37,7 @@ def main():
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"])
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,10 +56,7 @@ def main():
                 transposed = median_ms(lambda: torch.mm(weight, x.t()).t().contiguous(), args.repeats)
                 cells.append(f"{plain:.2f} / {transposed:.2f}")
             lines.append(f"| {dtype_name} | {out_features} x {in_features} | " + " | ".join(cells) + " |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    with open(args.results, "a") as f:
-        f.write(text)
+    append_section(args.results, lines)
 
 
 if __name__ == "__main__":
