@@ -21,7 +21,7 @@ from results_file import RESULTS, append_section
 
 def make_job(engine, processor, voice, frames, index, done):
     from openchroma.state_chroma import SamplingParams
-    from openchroma.server_engine import GenerationJob
+    from openchroma.serving.engine import GenerationJob
 
     conversation = [{"role": "user", "content": [{"type": "text", "text": f"Question number {index}?"}]}]
     inputs = processor(conversation)
@@ -76,8 +76,8 @@ def main():
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from openchroma.server_engine import ChromaEngine
-    from openchroma.tiny_chroma import build_tiny_model, build_tiny_processor
+    from openchroma.serving.engine import ChromaEngine
+    from openchroma.testing import build_tiny_model, build_tiny_processor
 
     model = build_tiny_model(0)
     model.config.codebook_eos_token_id = -1  # answers run their full length (random weights hit EOS at random)

@@ -54,8 +54,7 @@ def ref(request):
 
 
 def tiny_model(seed=0, **config_overrides):
-    """A fresh tiny random model (ChromaConfig.tiny), float32, eval."""
-    from openchroma import ChromaConfig, ChromaForConditionalGeneration
+    """A fresh tiny random model (`openchroma.testing.build_tiny_model`), float32, eval."""
+    from openchroma.testing import build_tiny_model
 
-    torch.manual_seed(seed)
-    return ChromaForConditionalGeneration(ChromaConfig.tiny(**config_overrides)).eval()
+    return build_tiny_model(seed, **config_overrides)

@@ -9,9 +9,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from openchroma import ChromaConfig, ChromaForConditionalGeneration
-from openchroma.cli_chroma import TINY_MODEL_SEED, main
-from openchroma.tiny_chroma import build_tiny_model, save_tiny_processor
+from openchroma import ChromaForConditionalGeneration
+from openchroma.cli import main
+
+from openchroma.testing import TINY_MODEL_SEED, save_tiny_checkpoint
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -77,8 +78,7 @@ def test_local_folder_model_matches_the_embedded_tiny_model(tmp_path, capsys, ge
     """--model FOLDER goes through AutoProcessor/AutoModelForCausalLM; a folder saved from the same tiny model
     must give the same answer (codes and text) as the embedded one."""
     folder = tmp_path / "tiny"
-    build_tiny_model(TINY_MODEL_SEED).save_pretrained(folder)
-    save_tiny_processor(folder)
+    save_tiny_checkpoint(folder, seed=TINY_MODEL_SEED)
     assert main(answer_args(tmp_path / "embedded.wav")) == 0
     assert main(answer_args(tmp_path / "loaded.wav", "--model", str(folder), "--no-trust-remote-code")) == 0
     embedded, loaded = generated_codes

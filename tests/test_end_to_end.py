@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 from conftest import tiny_model
-from openchroma.tiny_chroma import build_tiny_processor, save_tiny_processor
+from openchroma.testing import build_tiny_processor, save_tiny_processor
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"

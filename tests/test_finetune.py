@@ -17,12 +17,12 @@ import soundfile as sf
 import torch
 
 from openchroma import ChromaGenerator
-from openchroma.finetune_chroma import (
+from openchroma.training.finetune import (
     SLOT_ANSWER_FRAME, SLOT_ANSWER_TOKEN, SLOT_EOS_FRAME, SLOT_PAD, SLOT_REFERENCE_END, SLOT_REFERENCE_FRAME,
-    SLOT_TEXT, SLOT_THINKER_HIDDEN, ChromaDataCollator, ChromaFinetuneDataset, build_tiny_model,
+    SLOT_TEXT, SLOT_THINKER_HIDDEN, ChromaDataCollator, ChromaFinetuneDataset,
     enable_gradient_checkpointing, main, read_examples, training_loss,
 )
-from openchroma.tiny_chroma import build_tiny_processor
+from openchroma.testing import build_tiny_model, build_tiny_processor
 
 
 FRAME = 1920  # 24 kHz samples per Mimi frame
@@ -371,7 +371,7 @@ def test_two_process_data_parallel_run(tmp_path):
     out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "openchroma.finetune_chroma", "--cpu", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
+         "-m", "openchroma.training", "--cpu", "--model", "tiny", "--data", str(data), "--output-dir", str(out),
          "--max-steps", "2", "--lr", "1e-3", "--log-steps", "1", "--cache-examples"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )

@@ -20,9 +20,8 @@ from conftest import FIXTURES, reference
 from openchroma import ChromaConfig, ChromaForConditionalGeneration
 
 REPO = Path(__file__).resolve().parents[1]
-HUB_FILES = [
-    "configuration_chroma.py", "modeling_chroma.py", "generation_chroma.py", "state_chroma.py", "codec_chroma.py",
-]
+# the files a model folder needs for trust_remote_code (the processor's file travels with the processor)
+HUB_FILES = sorted(path.name for path in REPO.glob("*_chroma.py") if path.name != "processing_chroma.py")
 AUDIO_TABLE = "audio_embedding.embed_audio_tokens.weight"
 
 

@@ -27,7 +27,7 @@ import torch
 from openchroma import processing_chroma
 from openchroma.configuration_chroma import TINY_SPECIAL_TOKENS_REAL_IDS, ChromaConfig
 from openchroma.processing_chroma import CHAT_TEMPLATE, ChromaProcessor, load_audio, num_audio_tokens
-from openchroma.tiny_chroma import build_tiny_processor, build_tiny_tokenizer, save_tiny_processor
+from openchroma.testing import build_tiny_processor, build_tiny_tokenizer, save_tiny_processor
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -187,8 +187,11 @@ def test_features_match_reference_fixture(processor):
     out = processor([audio_message((wave, 16000))], return_tensors="np")
     valid = int(reference["thinker_feature_attention_mask"].sum())
     assert out["thinker_input_features"].shape[-1] == valid
+    # torch's CPU FFT takes processor-specific paths: the fixture's machine (AMD EPYC) and an Intel Xeon differ by up
+    # to 1.5e-5 on these log-mel values (measured); a real feature bug (wrong window, hop, padding, mel scale) moves
+    # them by 1e-2 or more.
     np.testing.assert_allclose(
-        out["thinker_input_features"], reference["thinker_input_features"][:, :, :valid], atol=1e-6
+        out["thinker_input_features"], reference["thinker_input_features"][:, :, :valid], atol=5e-5
     )
     np.testing.assert_array_equal(
         out["thinker_feature_attention_mask"], reference["thinker_feature_attention_mask"][:, :valid]

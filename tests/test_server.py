@@ -23,9 +23,9 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 sf = pytest.importorskip("soundfile")
 
-from openchroma import ChromaConfig, ChromaForConditionalGeneration  # noqa: E402
-from openchroma.server_chroma import ChromaEngine, ServerSettings, VoiceStore, create_app  # noqa: E402
-from openchroma.tiny_chroma import build_tiny_processor  # noqa: E402
+
+from openchroma.serving.app import ChromaEngine, ServerSettings, VoiceStore, create_app  # noqa: E402
+from openchroma.testing import build_tiny_model, build_tiny_processor  # noqa: E402
 
 
 MODEL = "chroma-tiny"
@@ -75,26 +75,11 @@ class Server:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0)
 
 
-def tiny_model_with_audible_codes():
-    """The tiny random model, seeded. Its Mimi codebooks start at zero, so every code would decode to the same
-    audio; random codebooks make the audio depend on the codes, so comparing audio compares the generation."""
-    torch.manual_seed(0)
-    model = ChromaForConditionalGeneration(ChromaConfig.tiny()).eval()
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, buffer in model.codec_model.quantizer.named_buffers():
-            if name.endswith("embed_sum"):
-                buffer.copy_(torch.randn(buffer.shape, generator=generator))
-            elif name.endswith("cluster_usage"):
-                buffer.copy_(torch.rand(buffer.shape, generator=generator) + 0.5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is fastest and immune to a busy machine
-    model = tiny_model_with_audible_codes()
+    model = build_tiny_model()
     allowed = tmp_path_factory.mktemp("allowed")
     (allowed / "ref.wav").write_bytes(wav_bytes(freq=330.0))
     settings = ServerSettings(

@@ -204,7 +204,7 @@ def test_multi_turn_keeps_history_and_voice():
     """Turn 2 re-reads turn 1 (question and the model's own answer text) and speaks in the same cached voice."""
     import soundfile as sf
 
-    from openchroma.tiny_chroma import build_tiny_model, build_tiny_processor
+    from openchroma.testing import build_tiny_model, build_tiny_processor
     from test_end_to_end import EXAMPLES
 
     model, processor = build_tiny_model(3), build_tiny_processor()

@@ -47,11 +47,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .state_chroma import ChromaVoice
-from .processing_chroma import load_audio
-from .server_engine import ChromaEngine, GenerationJob
-from .server_requests import AnswerMemory, IncrementalText, RequestBuilder, VoiceStore
-from .server_schemas import (
+from ..state_chroma import ChromaVoice
+from ..processing_chroma import load_audio
+from .engine import ChromaEngine, GenerationJob
+from .requests import AnswerMemory, IncrementalText, RequestBuilder, VoiceStore
+from .schemas import (
     AUDIO_FORMATS, OPENAI_VOICE_NAMES, SAMPLE_RATE, VOICE_ID_PATTERN, APIError, ChatCompletionRequest, ServerSettings,
     SpeechRequest, Voice, VoiceRef, bad_request, check_audio_format, encode_audio, error_body, error_response, pcm16,
     streaming_wav_header,
@@ -639,7 +639,7 @@ def serve(args) -> int:
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float32"))
     if args.model is None:
         logger.warning("no --model: serving a tiny random model (its audio is noise, its text gibberish)")
-    from .cli_chroma import load_model  # one loader for the CLI and the server (tiny random model by default)
+    from ..cli import load_model  # one loader for the CLI and the server (tiny random model by default)
 
     model, processor = load_model(args.model, device, dtype, args.trust_remote_code)
     voices = VoiceStore(args.voices_dir)
@@ -669,10 +669,6 @@ def serve(args) -> int:
 
 
 def main(argv=None) -> int:
-    """`python -m openchroma.server_chroma ...` (the same options as `openchroma serve`)."""
+    """`python -m openchroma.serving ...` (the same options as `openchroma serve`)."""
     parser = add_serve_arguments(argparse.ArgumentParser(description="OpenAI-compatible server for Chroma"))
     return serve(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

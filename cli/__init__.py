@@ -1,7 +1,7 @@
 # Copyright 2026 The OpenChroma authors. Licensed under the Apache License, Version 2.0.
 """Command line for Chroma: ask a spoken question, hear the answer in a cloned voice.
 
-    python -m openchroma.cli_chroma answer examples/question.wav \\
+    openchroma answer examples/question.wav \\
         --voice examples/voice.wav --voice-text-file examples/voice.txt -o answer.wav [--model FOLDER_OR_HUB_ID]
 
 `answer` writes the spoken answer (24 kHz mono 16-bit WAV) and prints its text on stdout; stdout carries nothing
@@ -30,6 +30,8 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from ..testing import TINY_MODEL_SEED
+
 
 try:  # tqdm comes with transformers / huggingface_hub, but the command works without it
     from tqdm import tqdm
@@ -45,7 +47,6 @@ DEFAULT_SYSTEM_PROMPT = (
     "auditory inputs and generate both text and speech."
 )
 # The tiny random model: its weights come from this torch seed, so every run builds the same model.
-TINY_MODEL_SEED = 0
 # The tiny model never decides to stop; without --max-frames it generates this many frames (80 ms each).
 TINY_DEFAULT_MAX_FRAMES = 50
 TINY_MODEL_WARNING = (
@@ -64,7 +65,7 @@ SPINNER_INTERVAL_S = 0.25
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m openchroma.cli_chroma",
+        prog="openchroma",
         description="Chroma 1.0 spoken dialogue with voice cloning (openchroma).",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=run_serve, parser=serve)
     try:
-        from openchroma.server_chroma import add_serve_arguments
+        from ..serving.app import add_serve_arguments
     except ImportError:  # the server extra is not installed: `serve` explains how to get it
         serve.set_defaults(run=run_serve_missing)
     else:
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
 
 
 def run_serve(args) -> int:
-    from openchroma.server_chroma import serve
+    from ..serving.app import serve
 
     return serve(args)
 
@@ -351,7 +352,7 @@ def load_model(name, device, dtype, trust_remote_code):
     import openchroma  # noqa: F401  (registers Chroma with the Auto classes: a folder without remote code loads too)
 
     if name is None:
-        from openchroma.tiny_chroma import build_tiny_model, build_tiny_processor
+        from ..testing import build_tiny_model, build_tiny_processor
 
         model = build_tiny_model(TINY_MODEL_SEED)  # the same weights every run
         return model.to(device=device, dtype=dtype).eval(), build_tiny_processor()
@@ -442,7 +443,3 @@ def library_progress_bars(enabled: bool):
 
 def elapsed(start: float) -> float:
     return time.perf_counter() - start
-
-
-if __name__ == "__main__":
-    sys.exit(main())

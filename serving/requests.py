@@ -25,10 +25,10 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from .state_chroma import ChromaVoice, SamplingParams
-from .processing_chroma import load_audio
-from .server_engine import GenerationJob
-from .server_schemas import (
+from ..state_chroma import ChromaVoice, SamplingParams
+from ..processing_chroma import load_audio
+from .engine import GenerationJob
+from .schemas import (
     BASE64_PATTERN, SAMPLE_RATE, SPEECH_PROMPT, THINKER_RATE, VOICE_ID_PATTERN, APIError, ChatCompletionRequest,
     ChatMessage, SamplingFields, ServerSettings, SpeechRequest, bad_request,
 )

@@ -1,9 +1,9 @@
 # Copyright 2026 The OpenChroma authors. Licensed under the Apache License, Version 2.0.
 """Fine-tune Chroma's speech generator (backbone + depth decoder) on spoken answers in a reference voice.
 
-    python -m openchroma.finetune_chroma --model FlashLabs/Chroma-4B --data train.jsonl --output-dir out \\
+    python -m openchroma.training --model FlashLabs/Chroma-4B --data train.jsonl --output-dir out \\
         --mixed-precision bf16 --learning-rate 1e-5 --max-steps 2000
-    accelerate launch -m openchroma.finetune_chroma ...        # several GPUs (DDP): see docs/finetuning.md
+    accelerate launch -m openchroma.training ...        # several GPUs (DDP): see docs/finetuning.md
 
 The dataset is JSONL, one example per line (format: docs/finetuning.md and `read_examples`). The thinker and the
 Mimi codec stay frozen: the collator runs them without gradients to build, for every example, exactly the backbone
@@ -35,10 +35,9 @@ from pathlib import Path
 import soundfile as sf
 import torch
 
-from openchroma.configuration_chroma import ChromaConfig
-from openchroma.generation_chroma import ChromaGenerator
-from openchroma.modeling_chroma import ChromaForConditionalGeneration
-from openchroma.processing_chroma import load_audio
+from ..generation_chroma import ChromaGenerator
+from ..modeling_chroma import ChromaForConditionalGeneration
+from ..processing_chroma import load_audio
 
 
 logger = logging.getLogger("openchroma.finetune")
@@ -601,7 +600,7 @@ def save_checkpoint(accelerator, model, processor, folder, lora):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        prog="python -m openchroma.finetune_chroma",
+        prog="python -m openchroma.training",
         description="Fine-tune Chroma's backbone and depth decoder (thinker and codec frozen). See docs/finetuning.md.",
     )
     parser.add_argument("--model", required=True, help="checkpoint folder or hub id; 'tiny' builds a seeded "
@@ -643,25 +642,10 @@ def build_parser():
     return parser
 
 
-def build_tiny_model(seed):
-    """`ChromaConfig.tiny()` with seeded random weights, Mimi codebooks included: a freshly built Mimi has all-zero
-    codebooks and maps every frame to code 0, which would make every training target the EOS frame."""
-    torch.manual_seed(seed)
-    model = ChromaForConditionalGeneration(ChromaConfig.tiny())
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for module in model.codec_model.modules():
-            if hasattr(module, "embed_sum") and hasattr(module, "cluster_usage"):
-                module.embed_sum.copy_(torch.randn(module.embed_sum.shape, generator=generator))
-                module.cluster_usage.copy_(0.5 + torch.rand(module.cluster_usage.shape, generator=generator))
-                module._embed = None  # Mimi caches embed_sum / cluster_usage on first use
-    return model
-
-
 def load_model_and_processor(args, frozen_dtype):
     """-> (model with the thinker in `frozen_dtype`, the rest float32; processor)."""
     if args.model == "tiny":
-        from openchroma.tiny_chroma import build_tiny_processor
+        from ..testing import build_tiny_model, build_tiny_processor
 
         model = build_tiny_model(args.seed)
         processor = build_tiny_processor() if args.processor is None else None
@@ -669,7 +653,7 @@ def load_model_and_processor(args, frozen_dtype):
         model = ChromaForConditionalGeneration.from_pretrained(args.model, dtype=frozen_dtype)
         processor = None
     if processor is None:
-        from openchroma.processing_chroma import ChromaProcessor
+        from ..processing_chroma import ChromaProcessor
 
         processor = ChromaProcessor.from_pretrained(args.processor or args.model)
     model.thinker.to(frozen_dtype)
@@ -785,7 +769,3 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     train(args)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,5 +1,8 @@
 # Copyright 2026 The OpenChroma authors. Licensed under the Apache License, Version 2.0.
-"""A tiny Qwen2-style tokenizer and `ChromaProcessor` for tests and demos, built offline (no downloads).
+"""The one tiny-model builder: config, random model, tokenizer, processor and a saved checkpoint folder, built offline.
+
+Used by the CLI and the server (when no weights are given), the tests, the benchmarks and the docs. The model is
+random: it outputs noise and gibberish.
 
 The tokenizer matches `ChromaConfig.tiny()`: ordinary tokens have ids 0..999 (the 256 byte-level symbols at their
 byte values, then BPE merges learned deterministically from a small built-in English text, then unused filler
@@ -7,17 +10,19 @@ entries), and the Qwen2.5-Omni special block sits at ``real_id - 151643 + 1000``
 so that ``<|endoftext|>`` = 1000 (pad), ``<|im_start|>`` = 1001, ..., ``<|text_start|>`` = 1022,
 ``<|text_end|>`` = 1023.
 
-Not a hub file: tests and examples import it as ``openchroma.tiny_chroma``.
+Not a hub file (no hub file imports it): ``from openchroma.testing import save_tiny_checkpoint``.
 """
 
 import collections
+
+import torch
 
 from tokenizers import Regex, pre_tokenizers
 from transformers import Qwen2Tokenizer, WhisperFeatureExtractor
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from .configuration_chroma import TINY_SPECIAL_TOKENS_REAL_IDS
-from .processing_chroma import CHAT_TEMPLATE, ChromaProcessor
+from ..configuration_chroma import TINY_SPECIAL_TOKENS_REAL_IDS
+from ..processing_chroma import CHAT_TEMPLATE, ChromaProcessor
 
 
 QWEN_FIRST_SPECIAL_ID = 151643
@@ -172,22 +177,28 @@ def save_tiny_processor(folder) -> ChromaProcessor:
     return processor
 
 
-__all__ = ["build_tiny_tokenizer", "build_tiny_feature_extractor", "build_tiny_processor", "save_tiny_processor"]
+TINY_MODEL_SEED = 0  # the seed the CLI, the server and the docs build the tiny model with
 
 
-def build_tiny_model(seed: int = 0):
-    """A tiny random `ChromaForConditionalGeneration` (ChromaConfig.tiny()), float32, eval mode, same weights for the
-    same seed. It outputs noise. Mimi's codebooks are learned buffers that a fresh model leaves at zero (every code
-    would decode to the same sound), so they are randomised here, as the official fixtures do; the caller's RNG is
-    left untouched."""
-    import torch
+def build_tiny_config(**overrides):
+    """`ChromaConfig.tiny(**overrides)`: the sizes of the official random-weight fixtures, the tiny tokenizer's ids."""
+    from ..configuration_chroma import ChromaConfig
 
-    from .configuration_chroma import ChromaConfig
-    from .modeling_chroma import ChromaForConditionalGeneration
+    return ChromaConfig.tiny(**overrides)
+
+
+def build_tiny_model(seed: int = TINY_MODEL_SEED, **config_overrides):
+    """A tiny random `ChromaForConditionalGeneration`, float32, eval mode, the same weights for the same seed (the
+    caller's RNG is left untouched). It outputs noise.
+
+    Mimi's codebooks are buffers that a fresh model leaves at zero (every frame would encode to code 0 and every
+    code decode to the same sound), so they are randomised here, as the official fixtures do.
+    """
+    from ..modeling_chroma import ChromaForConditionalGeneration
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ChromaForConditionalGeneration(ChromaConfig.tiny())
+        model = ChromaForConditionalGeneration(build_tiny_config(**config_overrides))
         with torch.no_grad():
             for name, buffer in model.codec_model.named_buffers():
                 if name.endswith("codebook.embed_sum"):
@@ -197,3 +208,27 @@ def build_tiny_model(seed: int = 0):
                 elif name.endswith("codebook.initialized"):
                     buffer.fill_(1.0)
     return model.eval()
+
+
+def save_tiny_checkpoint(folder, seed: int = TINY_MODEL_SEED, **config_overrides):
+    """Write a complete tiny checkpoint to `folder`: weights, config, generation config, tokenizer, feature
+    extractor, chat template and the hub files with their auto_map, so that both
+    ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` and
+    ``AutoProcessor.from_pretrained(folder, trust_remote_code=True)`` load it (as they load the published
+    checkpoint). Returns (model, processor)."""
+    model = build_tiny_model(seed, **config_overrides)
+    model.save_pretrained(folder)
+    processor = save_tiny_processor(folder)
+    return model, processor
+
+
+__all__ = [
+    "TINY_MODEL_SEED",
+    "build_tiny_config",
+    "build_tiny_feature_extractor",
+    "build_tiny_model",
+    "build_tiny_processor",
+    "build_tiny_tokenizer",
+    "save_tiny_checkpoint",
+    "save_tiny_processor",
+]

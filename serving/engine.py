@@ -32,9 +32,9 @@ from typing import Any, Callable, Dict, List, Literal, Optional
 
 import torch
 
-from .generation_chroma import ChromaGenerator
-from .state_chroma import ChromaVoice, SamplingParams, merge_states, sample_rows, select_rows
-from .server_schemas import APIError
+from ..generation_chroma import ChromaGenerator
+from ..state_chroma import ChromaVoice, SamplingParams, merge_states, sample_rows, select_rows
+from .schemas import APIError
 
 
 logger = logging.getLogger("openchroma.server")
