@@ -9,8 +9,10 @@ The hub files (configuration_/modeling_/generation_/processing_chroma.py) never 
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .configuration_chroma import ChromaBackboneConfig, ChromaConfig, ChromaDecoderConfig
-from .generation_chroma import ChromaGenerator
-from .state_chroma import ChromaChunk, ChromaGenerateOutput, ChromaVoice, SamplingParams
+from .generation_chroma import ChromaGenerationOptions, ChromaGenerator
+from .sampling_chroma import SamplingParams
+from .state_chroma import ChromaChunk, ChromaGenerateOutput
+from .voice_chroma import ChromaVoice
 from .modeling_chroma import ChromaForConditionalGeneration
 
 
@@ -34,6 +36,7 @@ __all__ = [
     "ChromaDecoderConfig",
     "ChromaForConditionalGeneration",
     "ChromaGenerateOutput",
+    "ChromaGenerationOptions",
     "ChromaGenerator",
     "ChromaProcessor",
     "ChromaVoice",

@@ -19,6 +19,8 @@ This file imports nothing but ``transformers`` (it is one of the hub files serve
 from transformers import MimiConfig, PretrainedConfig
 from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniThinkerConfig
 
+from .pipeline_chroma import custom_pipelines
+
 
 # RoPE used by the published backbone and depth decoder (llama3 frequency scaling). These were explicit defaults in
 # the official code before transformers 5; a config.json that carries its own RoPE fields always wins.
@@ -201,6 +203,9 @@ class ChromaConfig(PretrainedConfig):
         loss_stride (`int`, defaults to 16): training: the depth-decoder loss uses every loss_stride-th audio frame.
         decoder_loss_weight (`float`, defaults to 0.5): training: loss = (1 - w) * backbone + w * depth decoder.
         tie_word_embeddings (`bool`, defaults to `True`): the backbone and depth decoder share one audio table.
+        codec_dtype (`str`, defaults to `"float32"`): Mimi's weights and computation. `"float32"` keeps them in float32
+            whatever `dtype=` `from_pretrained` gets (80 M parameters; in bfloat16 a voice's codes change); `"model"`
+            loads Mimi in the model's dtype like every other part.
 
     A small random model for tests and demos: [`ChromaConfig.tiny`].
     """
@@ -232,6 +237,7 @@ class ChromaConfig(PretrainedConfig):
         loss_stride=16,
         decoder_loss_weight=0.5,
         tie_word_embeddings=True,
+        codec_dtype="float32",
         **kwargs,
     ):
         self.thinker_config = _sub_config(thinker_config, Qwen2_5OmniThinkerConfig)
@@ -261,7 +267,12 @@ class ChromaConfig(PretrainedConfig):
             )
         if audio_frames_per_text_token < 1:
             raise ValueError("audio_frames_per_text_token must be >= 1")
+        if codec_dtype not in ("float32", "model"):
+            raise ValueError(f"codec_dtype must be 'float32' or 'model', got {codec_dtype!r}")
+        self.codec_dtype = codec_dtype
         # "tie" here means the audio table shared by backbone and depth decoder (the thinker has its own flag)
+        # transformers.pipeline("text-to-speech" | "any-to-any", model=..., trust_remote_code=True) finds ours here
+        kwargs.setdefault("custom_pipelines", custom_pipelines())
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
 
     @property
@@ -272,6 +283,11 @@ class ChromaConfig(PretrainedConfig):
     @property
     def num_hidden_layers(self) -> int:
         return self.backbone_config.num_hidden_layers
+
+    @property
+    def sampling_rate(self) -> int:
+        """Sampling rate of the generated audio and of reference voices (Mimi's, 24000 Hz)."""
+        return self.codec_config.sampling_rate
 
     @classmethod
     def tiny(cls, **overrides) -> "ChromaConfig":

@@ -19,23 +19,25 @@ them, so its rows drift from their solo runs).
 Shapes: B batch, K codebooks, V audio vocabulary, D backbone width, S thinker tokens.
 """
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from transformers.utils import logging
 
-from .state_chroma import (
-    ChromaChunk,
-    ChromaGenerateOutput,
-    ChromaGenerationState,
+from .batching_chroma import merge_states, select_rows
+from .cache_chroma import (
     ChromaKVCache,
-    ChromaVoice,
-    SamplingParams,
-    collect_output,
+    backbone_slots_needed,
     left_pad,
     padding_causal_mask,
-    sample_next_token,
+    text_step_due,
+    thinker_steps_needed,
 )
+from .sampling_chroma import SamplingParams, sample_next_token
+from .state_chroma import ChromaChunk, ChromaGenerateOutput, ChromaGenerationState, collect_output
+from .voice_chroma import ChromaVoice
 
 
 logger = logging.get_logger(__name__)
@@ -68,35 +70,41 @@ class ChromaGenerator:
         # opt-in: the one-frame step through torch.compile (CUDA graphs on a GPU); the eager loop is the reference
         self.compiled_frame_step = None
         if compile:
-            device = model.backbone.codebook0_head.weight.device
+            device = model.backbone_device_dtype()[0]
             mode = "reduce-overhead" if device.type == "cuda" else "default"
             self.compiled_frame_step = torch.compile(self.frame_step, mode=mode, dynamic=False)
 
     # -- prefill -------------------------------------------------------------------------------------------------------
 
     def thinker_prefill(self, input_ids, attention_mask, input_features=None, feature_attention_mask=None):
-        """Run the thinker on the whole prompt. -> (cache, hidden [B, D], first id [B], next position [B])."""
+        """Run the thinker on the whole prompt. -> (cache, hidden [B, D], first id [B], next position [B]).
+
+        The answer starts at each row's last real position (prompts may be left- or right-padded), and the lm_head
+        runs on that position only (at full size, all positions would cost 152k logits per prompt token)."""
         thinker = self.model.thinker
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         # Audio/text prompts use plain sequential positions on all three M-RoPE sections (Qwen2.5-Omni's rule for
         # non-visual tokens); computing them here keeps padding rows correct and leaves no state on the module.
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        kwargs = {}
-        if input_features is not None:
-            kwargs["input_features"] = input_features.to(thinker.dtype)
-            kwargs["feature_attention_mask"] = feature_attention_mask
-        out = thinker(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions[None].expand(3, -1, -1),
-            use_cache=True,
-            output_hidden_states=True,
-            **kwargs,
-        )
-        hidden = out.hidden_states[-1][:, -1]  # post final norm: the lm_head input
-        first_id = sample_next_token(out.logits[:, -1], self.text_sampling, self.generator)
-        return out.past_key_values, hidden, first_id, positions[:, -1] + 1
+        embeds = thinker.get_input_embeddings()(input_ids)  # [B, S, D]
+        if input_features is not None:  # Whisper features -> audio tower -> the <|AUDIO|> placeholder slots
+            audio = thinker.get_audio_features(input_features.to(thinker.dtype),
+                                               feature_attention_mask=feature_attention_mask,
+                                               return_dict=True).last_hidden_state  # [audio tokens, D]
+            slots = input_ids == thinker.config.audio_token_id  # [B, S]
+            if int(slots.sum()) != audio.shape[0]:
+                raise ValueError(f"the thinker prompt has {int(slots.sum())} audio placeholder tokens but its audio "
+                                 f"features give {audio.shape[0]}: pass what ChromaProcessor returns")
+            embeds = embeds.masked_scatter(slots[..., None], audio.to(embeds.dtype))
+        text_model = (self.thinker_decoder or self.model.thinker_decoder()).text_model
+        out = text_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                         position_ids=positions[None].expand(3, -1, -1), use_cache=True)
+        last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).long().argmax(-1)  # [B] last real position
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        hidden = out.last_hidden_state[rows, last]  # post final norm: the lm_head input
+        first_id = sample_next_token(thinker.lm_head(hidden), self.text_sampling, self.generator)
+        return out.past_key_values, hidden, first_id, positions[rows, last] + 1
 
     def voices_from_inputs(self, input_ids, attention_mask, input_values, cutoffs=None):
         """Processor-style reference inputs -> one `ChromaVoice` per row.
@@ -138,7 +146,7 @@ class ChromaGenerator:
         prompt, valid = left_pad([torch.cat([v.prefix_embeddings(model), answer_start[b]]) for b, v in enumerate(voices)])
         batch, length, device, dtype = prompt.shape[0], prompt.shape[1], prompt.device, prompt.dtype
         per_text = config.audio_frames_per_text_token
-        capacity = length + max_new_tokens + 2 * (max_new_tokens // per_text + 1)
+        capacity = length + backbone_slots_needed(max_new_tokens, per_text)
         if self.compiled_frame_step is not None:  # fixed shapes across requests: no recompilation per request length
             capacity = -(-capacity // CACHE_BUCKET) * CACHE_BUCKET
         thinker_mask = inputs.get("thinker_attention_mask")
@@ -161,7 +169,7 @@ class ChromaGenerator:
             row_frames=torch.zeros(batch, dtype=torch.long, device=device),
         )
         if self.thinker_decoder is not None:
-            text_steps = max_new_tokens // per_text + 2
+            text_steps = thinker_steps_needed(max_new_tokens, per_text)
             state.thinker_cache = self.thinker_decoder.init_cache(cache, thinker_mask, thinker_mask.shape[1] + text_steps)
         state.text_ids.append(first_id)
         state.text_valid.append(torch.ones(batch, dtype=torch.bool, device=device))
@@ -323,7 +331,7 @@ class ChromaGenerator:
         """The next backbone input: the frame's embedding, plus a thinker pair when the schedule says so."""
         frame_embed = self.model.embed_frames(frame)[:, None]  # [B, 1, D]
         frame_valid = torch.ones(frame.shape[0], 1, dtype=torch.bool, device=frame.device)
-        due = state.frame_count % self.config.audio_frames_per_text_token == 0
+        due = text_step_due(state.frame_count, self.config.audio_frames_per_text_token)
         # thinker_may_talk is refreshed at sync points; a stale True costs one masked thinker step, never a result
         if not (due and state.thinker_may_talk):
             return frame_embed, frame_valid
@@ -455,6 +463,61 @@ CACHE_BUCKET = 512
 
 # Defaults = the published generation settings (transformers 5.0.0rc0 GenerationConfig defaults, max 1000 frames).
 DEFAULT_MAX_NEW_TOKENS = 1000
+PUBLISHED_AUDIO_SAMPLING = SamplingParams(do_sample=False, temperature=1.0, top_k=50, top_p=1.0)
+
+@dataclass
+class ChromaGenerationOptions:
+    """How to generate: every `generate()` / `stream()` argument besides the inputs, as one object. `None` means
+    "the model's generation_config, else the published default" (`resolve`)."""
+
+    max_new_tokens: Optional[int] = None  # audio frames (80 ms each)
+    max_text_tokens: Optional[int] = None
+    do_sample: Optional[bool] = None  # do_sample/temperature/top_k/top_p: codebook 0 (and the depth decoder)
+    temperature: Optional[float] = None
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    depth_sampling: Optional[SamplingParams] = None  # codebooks 1..K-1 (default: as codebook 0)
+    text_sampling: Optional[SamplingParams] = None  # the thinker (default: greedy)
+    seed: Optional[int] = None
+    generator: Optional[torch.Generator] = None
+    stopping_criteria: tuple = ()
+    chunk_frames: tuple = (2, 4, 8)
+    decode_audio: bool = True
+    cancel: object = None
+    generation_config: object = None
+
+    def resolve(self, model) -> "ChromaGenerationOptions":
+        """A copy with max_new_tokens and sampling settled and validated, and the generator made from `seed`."""
+        gen_cfg = self.generation_config
+        if gen_cfg is None:
+            gen_cfg = getattr(model, "generation_config", None)
+
+        def setting(name, default):
+            value = getattr(self, name)
+            configured = getattr(gen_cfg, name, None) if value is None and gen_cfg is not None else None
+            return value if value is not None else configured if configured is not None else default
+
+        max_new_tokens = setting("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer (audio frames), got {max_new_tokens!r}")
+        if self.seed is not None and self.generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        generator = self.generator
+        if self.seed is not None:
+            generator = torch.Generator(device=model.backbone_device_dtype()[0]).manual_seed(int(self.seed))
+        published = PUBLISHED_AUDIO_SAMPLING
+        return dataclasses.replace(
+            self, max_new_tokens=max_new_tokens, do_sample=bool(setting("do_sample", published.do_sample)),
+            temperature=float(setting("temperature", published.temperature)),
+            top_k=int(setting("top_k", published.top_k)), top_p=float(setting("top_p", published.top_p)),
+            text_sampling=self.text_sampling or SamplingParams(), seed=None, generator=generator,
+        )
+
+    def generator_for(self, model) -> "ChromaGenerator":
+        """The `ChromaGenerator` these (resolved) options describe."""
+        audio = SamplingParams(self.do_sample, self.temperature, self.top_k, self.top_p)
+        return ChromaGenerator(model, audio, depth_sampling=self.depth_sampling, text_sampling=self.text_sampling,
+                               generator=self.generator)
 
 
 class ChromaGenerationMixin:
@@ -489,6 +552,7 @@ class ChromaGenerationMixin:
         streamer=None,
         return_dict_in_generate: bool = False,
         output_logits: bool = False,
+        output_audio: bool = False,
         use_cache: bool = True,
         generation_config=None,
     ):
@@ -511,21 +575,24 @@ class ChromaGenerationMixin:
 
         Returns codes [B, T, K] like the official code (so `codec_model.decode(out.permute(0, 2, 1)).audio_values`
         works), or with `return_dict_in_generate=True` a `ChromaGenerateOutput` that also carries the text ids,
-        per-row lengths and finish reasons.
+        per-row lengths and finish reasons. `output_audio=True` also decodes the codes with Mimi: the output (a
+        `ChromaGenerateOutput`, whatever `return_dict_in_generate` says) then carries `audio`, one float32 24 kHz
+        waveform per row, cut to the row's `audio_lengths` frames.
         """
         if not use_cache:
             raise ValueError("Chroma generation always uses its KV caches; use_cache=False is not supported")
-        chunks = self.stream(
-            input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
-            input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
-            thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
-            thinker_feature_attention_mask=thinker_feature_attention_mask, voice=voice,
-            forced_text_ids=forced_text_ids, max_new_tokens=max_new_tokens, max_text_tokens=max_text_tokens,
-            chunk_frames=1 if streamer is not None else 8, decode_audio=False, do_sample=do_sample,
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
+                      input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
+                      thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
+                      thinker_feature_attention_mask=thinker_feature_attention_mask, voice=voice,
+                      forced_text_ids=forced_text_ids)
+        options = ChromaGenerationOptions(
+            max_new_tokens=max_new_tokens, max_text_tokens=max_text_tokens, do_sample=do_sample,
             temperature=temperature, top_k=top_k, top_p=top_p, depth_sampling=depth_sampling,
             text_sampling=text_sampling, seed=seed, generator=generator, stopping_criteria=stopping_criteria,
-            generation_config=generation_config,
+            chunk_frames=1 if streamer is not None else 8, decode_audio=False, generation_config=generation_config,
         )
+        chunks = self.stream_with_options(inputs, options)
         while True:
             try:
                 chunk = next(chunks)
@@ -539,6 +606,9 @@ class ChromaGenerationMixin:
         output = collect_output(state, self.config)
         if not output_logits:
             output.logits = output.depth_logits = None
+        if output_audio:
+            output.audio = self.decode_audio(output.sequences, output.audio_lengths)
+            return output
         return output if return_dict_in_generate else output.sequences
 
     @torch.no_grad()
@@ -558,22 +628,52 @@ class ChromaGenerationMixin:
         Concatenated, the chunks hold exactly what `generate()` returns for the same inputs and seed. The iterator's
         return value (StopIteration.value) is the final `ChromaGenerationState`.
         """
-        inputs = self.prepare_generation_inputs(
-            input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
-            input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
-            thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
-            thinker_feature_attention_mask=thinker_feature_attention_mask, voice=voice,
-            forced_text_ids=forced_text_ids,
+        inputs = dict(input_ids=input_ids, attention_mask=attention_mask, input_values=input_values,
+                      input_values_cutoffs=input_values_cutoffs, thinker_input_ids=thinker_input_ids,
+                      thinker_attention_mask=thinker_attention_mask, thinker_input_features=thinker_input_features,
+                      thinker_feature_attention_mask=thinker_feature_attention_mask, voice=voice,
+                      forced_text_ids=forced_text_ids)
+        options = ChromaGenerationOptions(
+            max_new_tokens=max_new_tokens, max_text_tokens=max_text_tokens, do_sample=do_sample,
+            temperature=temperature, top_k=top_k, top_p=top_p, depth_sampling=depth_sampling,
+            text_sampling=text_sampling, seed=seed, generator=generator, stopping_criteria=stopping_criteria,
+            chunk_frames=chunk_frames, decode_audio=decode_audio, cancel=cancel, generation_config=generation_config,
         )
-        runner, max_new_tokens = self._make_generator(
-            generation_config, max_new_tokens, do_sample, temperature, top_k, top_p, depth_sampling, text_sampling,
-            seed, generator,
-        )
-        return (yield from runner.stream(
-            inputs, max_new_tokens, max_text_tokens=max_text_tokens, chunk_frames=chunk_frames,
-            decode_audio=decode_audio, stopping_criteria=stopping_criteria, cancel=cancel,
-            reuse_voice_kv=voice is not None,
+        return (yield from self.stream_with_options(inputs, options))
+
+    def stream_with_options(self, inputs: dict, options: ChromaGenerationOptions):
+        """The one path behind `generate()` and `stream()`: `inputs` (the request: thinker prompt, reference voice or
+        `voice`, `forced_text_ids`) and the options object.
+        -> an iterator of `ChromaChunk`s returning the final `ChromaGenerationState`."""
+        prepared = self.prepare_generation_inputs(**inputs)
+        options = options.resolve(self)
+        return (yield from options.generator_for(self).stream(
+            prepared, options.max_new_tokens, max_text_tokens=options.max_text_tokens,
+            chunk_frames=options.chunk_frames, decode_audio=options.decode_audio,
+            stopping_criteria=options.stopping_criteria, cancel=options.cancel,
+            reuse_voice_kv=inputs.get("voice") is not None,
         ))
+
+    def backbone_device_dtype(self):
+        """(device, dtype) of the backbone: where generation's caches, codes and voices live, and their float type
+        (read from the audio table, which no quantizer converts; `model.device`/`.dtype` name the first parameter,
+        the thinker's, and Mimi stays float32)."""
+        table = self.backbone.audio_embedding.embed_audio_tokens.weight
+        return table.device, table.dtype
+
+    @torch.no_grad()
+    def decode_audio(self, codes: torch.Tensor, audio_lengths: Optional[torch.Tensor] = None):
+        """Audio codes [B, T, K] (what `generate()` returns) -> B float32 24 kHz waveforms [n_b], each cut to its
+        `audio_lengths[b]` frames (all T without it). Mimi decodes the batch at once; it is causal, so a row's
+        waveform does not depend on the frames after its end."""
+        batch, frames, _ = codes.shape
+        lengths = [frames] * batch if audio_lengths is None else [int(n) for n in audio_lengths]
+        if frames == 0:
+            return [codes.new_zeros(0, dtype=torch.float32) for _ in range(batch)]
+        codec = self.codec_model
+        real = codes.clamp(0, self.config.codebook_size - 1).to(codec.device)  # specials never reach Mimi
+        audio = codec.decode(real.transpose(1, 2)).audio_values  # [B, 1, T * audio_frame_freq]
+        return [audio[b, 0, : n * self.config.audio_frame_freq].float() for b, n in enumerate(lengths)]
 
     @torch.no_grad()
     def encode_voice(self, input_values: torch.Tensor, input_ids: torch.Tensor, transcript: Optional[str] = None):
@@ -585,36 +685,9 @@ class ChromaGenerationMixin:
             raise ValueError("encode_voice takes one voice: input_values [T] (24 kHz) and input_ids [P]")
         if wave.shape[-1] == 0 or not bool(torch.isfinite(wave).all()):
             raise ValueError("the reference audio is empty or contains NaN/Inf samples")
-        device = self.backbone.codebook0_head.weight.device
+        device = self.backbone_device_dtype()[0]
         codes = self.encode_audio(wave.to(device))[0]
         return ChromaVoice(text_ids=ids.to(device), codes=codes, transcript=transcript)
-
-    def _make_generator(self, generation_config, max_new_tokens, do_sample, temperature, top_k, top_p,
-                        depth_sampling, text_sampling, seed, generator):
-        gen_cfg = generation_config if generation_config is not None else getattr(self, "generation_config", None)
-
-        def setting(value, name, default):
-            if value is not None:
-                return value
-            configured = getattr(gen_cfg, name, None) if gen_cfg is not None else None
-            return configured if configured is not None else default
-
-        max_new_tokens = setting(max_new_tokens, "max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer (audio frames), got {max_new_tokens!r}")
-        audio = SamplingParams(
-            do_sample=bool(setting(do_sample, "do_sample", False)),
-            temperature=float(setting(temperature, "temperature", 1.0)),
-            top_k=int(setting(top_k, "top_k", 50)),
-            top_p=float(setting(top_p, "top_p", 1.0)),
-        )
-        if seed is not None and generator is not None:
-            raise ValueError("pass either seed or generator, not both")
-        if seed is not None:
-            generator = torch.Generator(device=self.backbone.codebook0_head.weight.device).manual_seed(int(seed))
-        runner = ChromaGenerator(self, audio, depth_sampling=depth_sampling,
-                                 text_sampling=text_sampling or SamplingParams(), generator=generator)
-        return runner, max_new_tokens
 
     def prepare_generation_inputs(self, voice=None, forced_text_ids=None, **inputs):
         """Validate generate()'s inputs (clear ValueErrors) and move them to the model's device.
@@ -624,10 +697,10 @@ class ChromaGenerationMixin:
         if inputs.get("thinker_input_ids") is None:
             raise ValueError("generate() needs thinker_input_ids: pass what ChromaProcessor returns for the conversation")
         batch = inputs["thinker_input_ids"].shape[0]
-        device = self.backbone.codebook0_head.weight.device
+        device = self.backbone_device_dtype()[0]
         if voice is not None:
-            voices = list(voice) if isinstance(voice, (list, tuple)) else [voice] * batch
-            if len(voices) != batch or not all(isinstance(v, ChromaVoice) for v in voices):
+            voices = [ChromaVoice.coerce(v) for v in (voice if isinstance(voice, (list, tuple)) else [voice] * batch)]
+            if len(voices) != batch or any(v is None for v in voices):
                 raise ValueError(f"voice must be a ChromaVoice or a list of {batch} ChromaVoice")
             if inputs.get("input_values") is not None or inputs.get("input_ids") is not None:
                 raise ValueError("pass either voice or the reference inputs (input_ids/input_values), not both")
@@ -679,4 +752,6 @@ class ChromaGenerationMixin:
         return padded
 
 
-__all__ = ["ChromaGenerationMixin", "ChromaGenerator"]
+__all__ = [
+    "ChromaGenerationMixin", "ChromaGenerationOptions", "ChromaGenerator", "merge_states", "select_rows",
+]

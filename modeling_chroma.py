@@ -35,10 +35,17 @@ from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput, logging
 
+from .cache_chroma import padding_causal_mask
 from .codec_chroma import MimiStreamingDecoder
 from .configuration_chroma import ChromaBackboneConfig, ChromaConfig, ChromaDecoderConfig
 from .generation_chroma import ChromaGenerationMixin
-from .state_chroma import padding_causal_mask
+
+# Loading a local folder as remote code, transformers 5.0 copies only the hub files this file imports itself (5.2x
+# follows imports of imports): every other hub file the model runs on is named here.
+from .batching_chroma import merge_states, select_rows  # noqa: F401
+from .sampling_chroma import SamplingParams  # noqa: F401
+from .state_chroma import ChromaGenerateOutput  # noqa: F401
+from .voice_chroma import ChromaVoice  # noqa: F401
 
 
 logger = logging.get_logger(__name__)
@@ -95,22 +102,33 @@ class ChromaRotaryEmbedding(nn.Module):
 FEW_ROWS_MAX = 64
 
 
+def is_plain_weight(weight: torch.Tensor) -> bool:
+    """False for quantized weights: torchao and bitsandbytes store them as tensor subclasses that only implement
+    `F.linear` (their own kernels), not `torch.mm`."""
+    return type(weight) in (torch.Tensor, nn.Parameter)
+
+
 def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` for x [..., in]; as (W @ x^T)^T when x holds 2..FEW_ROWS_MAX float32 rows on the
-    CPU (same result up to float rounding)."""
+    CPU and the weight is a plain tensor (same result up to float rounding)."""
     rows = x.shape[:-1].numel()
-    if not (1 < rows <= FEW_ROWS_MAX and x.is_cpu and x.dtype == torch.float32):
+    if not (1 < rows <= FEW_ROWS_MAX and x.is_cpu and x.dtype == torch.float32 and is_plain_weight(weight)):
         return F.linear(x, weight, bias)
     columns = x.reshape(rows, x.shape[-1]).t()  # [in, rows], a view
     out = torch.mm(weight, columns) if bias is None else torch.addmm(bias[:, None], weight, columns)
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-class ChromaLinear(nn.Linear):
-    """`nn.Linear` (same parameters and checkpoint keys) whose forward takes `few_rows_linear`'s route."""
+def apply_linear(x: torch.Tensor, module: nn.Linear) -> torch.Tensor:
+    """`module(x)` for an `nn.Linear`, through `few_rows_linear`; a quantized one (bitsandbytes replaces the module,
+    torchao its weight) through its own forward.
 
-    def forward(self, x):
-        return few_rows_linear(x, self.weight, self.bias)
+    The backbone, depth decoder and thinker decode step keep plain `nn.Linear` modules and call them through this
+    function: quantizers only convert modules whose type is exactly `nn.Linear` (transformers >= 5.2x, bitsandbytes).
+    """
+    if type(module) is not nn.Linear or not is_plain_weight(module.weight):  # also a peft LoRA wrapper
+        return module(x)
+    return few_rows_linear(x, module.weight, module.bias)
 
 
 def rotate_half(x):
@@ -133,13 +151,14 @@ class ChromaRMSNorm(nn.Module):
 class ChromaMLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.gate_proj = ChromaLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = ChromaLinear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = ChromaLinear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x):
-        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        gated = self.act_fn(apply_linear(x, self.gate_proj)) * apply_linear(x, self.up_proj)
+        return apply_linear(gated, self.down_proj)
 
 
 class ChromaAttention(nn.Module):
@@ -150,19 +169,19 @@ class ChromaAttention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         bias = config.attention_bias
-        self.q_proj = ChromaLinear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = ChromaLinear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = ChromaLinear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = ChromaLinear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
         self.attention_dropout = config.attention_dropout
 
     def forward(self, hidden_states, cos, sin, attention_mask, cache=None, cache_start=0):
         """hidden_states [B, L, D]; cos/sin [B, 1, L, hd]; attention_mask [B, 1, L, L_kv] bool (True = attend), or
         None for causal attention over the L inputs alone (or, with L = 1, over the whole cache)."""
         bsz, length, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_linear(hidden_states, self.q_proj).view(bsz, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = apply_linear(hidden_states, self.k_proj).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = apply_linear(hidden_states, self.v_proj).view(bsz, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         qk = torch.cat([q, k], dim=1)  # RoPE on queries and keys in one go: [B, H + H_kv, L, hd]
         q, k = (qk * cos + rotate_half(qk) * sin).split([self.num_heads, self.num_kv_heads], dim=1)
         if cache is not None:
@@ -177,7 +196,7 @@ class ChromaAttention(nn.Module):
             dropout_p=self.attention_dropout if self.training else 0.0,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, length, -1))
+        return apply_linear(out.transpose(1, 2).reshape(bsz, length, -1), self.o_proj)
 
 
 class ChromaDecoderLayer(nn.Module):
@@ -259,13 +278,13 @@ class ChromaBackboneForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = ChromaTransformer(config)
-        self.codebook0_head = ChromaLinear(config.hidden_size, config.vocab_size, bias=False)
+        self.codebook0_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.audio_embedding = ChromaAudioEmbedding(config.audio_num_codebooks, config.vocab_size, config.hidden_size)
 
     def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cache_start=0, logits_to_keep=0):
         """-> (hidden [B, L, D], codebook-0 logits [B, L', V]) with L' = L, or the last `logits_to_keep` positions."""
         hidden = self.model(inputs_embeds, position_ids, attention_mask, cache, cache_start)
-        return hidden, self.codebook0_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        return hidden, apply_linear(hidden[:, -logits_to_keep:] if logits_to_keep else hidden, self.codebook0_head)
 
 
 class ChromaCodebookHeads(nn.Module):
@@ -284,7 +303,7 @@ class ChromaDecoderForCausalLM(nn.Module):
     def __init__(self, config: ChromaDecoderConfig):
         super().__init__()
         self.config = config
-        self.projection = ChromaLinear(config.audio_embedding_dim, config.hidden_size, bias=False)
+        self.projection = nn.Linear(config.audio_embedding_dim, config.hidden_size, bias=False)
         self.model = ChromaTransformer(config)
         self.codebook_head = ChromaCodebookHeads(config.audio_num_codebooks - 1, config.hidden_size, config.vocab_size)
         self.audio_embedding = ChromaAudioEmbedding(
@@ -293,7 +312,8 @@ class ChromaDecoderForCausalLM(nn.Module):
 
     def forward(self, inputs_embeds, position_ids, attention_mask=None, cache=None, cache_start=0, rope=None):
         """inputs_embeds [B, L, audio_embedding_dim] (unprojected) -> post-norm hidden [B, L, Dd]."""
-        return self.model(self.projection(inputs_embeds), position_ids, attention_mask, cache, cache_start, rope)
+        projected = apply_linear(inputs_embeds, self.projection)
+        return self.model(projected, position_ids, attention_mask, cache, cache_start, rope)
 
     def codebook_logits(self, hidden, codebook_index):
         """hidden [..., Dd] at the position that predicts codebook `codebook_index` (1..K-1) -> logits [..., V]."""
@@ -303,11 +323,6 @@ class ChromaDecoderForCausalLM(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------------
 # The thinker's text decode step on a preallocated cache
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def apply_linear(x, module: nn.Linear):
-    """Apply a (transformers) nn.Linear through `few_rows_linear`."""
-    return few_rows_linear(x, module.weight, module.bias)
 
 
 class ChromaThinkerCache:
@@ -466,9 +481,15 @@ class ChromaForConditionalGeneration(ChromaGenerationMixin, ChromaPreTrainedMode
     }
     # The published checkpoint stores the (unused) vision tower; it is skipped unless config.load_vision_tower.
     _keys_to_ignore_on_load_unexpected = [r"^thinker\.(model\.)?visual\."]
+    # Mimi loads in float32 whatever `dtype=` says (transformers' keep-in-fp32 mechanism; quantizers skip it too),
+    # unless config.codec_dtype == "model"
+    _keep_in_fp32_modules_strict = ["codec_model"]
 
     def __init__(self, config: ChromaConfig):
         super().__init__(config)
+        if config.codec_dtype == "model":
+            self._keep_in_fp32_modules_strict = []
+            self.dtype_plan = {}  # transformers 5.0 derives it from the class attribute in PreTrainedModel.__init__
         if config.backbone_config.hidden_size != config.thinker_config.text_config.hidden_size:
             raise ValueError(
                 "backbone_config.hidden_size must equal the thinker's text hidden size (Chroma has no projection): "
@@ -484,6 +505,27 @@ class ChromaForConditionalGeneration(ChromaGenerationMixin, ChromaPreTrainedMode
         self.decoder.audio_embedding.embed_audio_tokens.weight = self.backbone.audio_embedding.embed_audio_tokens.weight
         self.codec_model = MimiModel(config.codec_config)
         self.post_init()
+
+    def tie_weights(self, *args, **kwargs):
+        """transformers' tying, then the audio table made one Parameter whichever of its two names a checkpoint
+        stores: transformers 5.0 leaves the two copies the official `save_pretrained` writes untied."""
+        super().tie_weights(*args, **kwargs)
+        if self.config.tie_word_embeddings:
+            self.share_audio_table()
+
+    def share_audio_table(self):
+        """Make the backbone's audio table the decoder's Parameter (both names stay in the state dict)."""
+        (target, source), = self._tied_weights_keys.items()
+        backbone, decoder = self.get_parameter(target), self.get_parameter(source)
+        if backbone is decoder:
+            return
+        if not (backbone.is_meta or decoder.is_meta) and not torch.equal(backbone, decoder):
+            raise ValueError(f"the checkpoint stores two different audio tables ({target} and {source}); Chroma's "
+                             "backbone and depth decoder share one (set tie_word_embeddings=False to keep both)")
+        self.backbone.audio_embedding.embed_audio_tokens.weight = decoder
+        tied = getattr(self, "all_tied_weights_keys", None)
+        if isinstance(tied, dict):  # so that save_pretrained writes the table once again
+            tied[target] = source
 
     def get_input_embeddings(self):
         """The thinker's token table (it also embeds text for the backbone)."""

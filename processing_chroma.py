@@ -61,8 +61,11 @@ URL_FETCH_TIMEOUT_S = 30
 # A plain string at least this long made only of base64 characters is read as base64 audio (a WAV header alone
 # is 44 bytes = 60 base64 characters); shorter strings are taken for file names.
 MIN_BASE64_AUDIO_CHARS = 64
+# With `max_seconds`, load_audio refuses sources holding more samples (all channels) than max_seconds of this rate
+# (48 kHz stereo), before decoding or resampling them: an 8-channel 655 kHz file is refused from its header.
+DECODE_BUDGET_SAMPLES_PER_SECOND = 2 * 48000
 
-# ChatML as in Qwen2.5-Omni (SPEC §3): a default system turn when the conversation does not open with one, audio
+# ChatML as in Qwen2.5-Omni (docs/architecture.md): a default system turn when the conversation does not open with one, audio
 # items become <|audio_bos|><|AUDIO|><|audio_eos|>, and the generation prompt opens the assistant turn. The processor
 # expands each <|AUDIO|> to the clip's number of audio tokens after rendering.
 CHAT_TEMPLATE = (
@@ -107,12 +110,22 @@ def num_audio_tokens(num_mel_frames: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def load_audio(source, sampling_rate: int, allow_url_fetch: bool = False) -> np.ndarray:
+class AudioLimitError(ValueError):
+    """An audio source exceeds the `max_seconds` budget of [`load_audio`] (refused before it is decoded)."""
+
+
+def load_audio(
+    source,
+    sampling_rate: int,
+    allow_url_fetch: bool = False,
+    max_seconds: float | None = None,
+    allow_local_files: bool = True,
+) -> np.ndarray:
     """Decode one audio source to a mono float32 waveform [T] at `sampling_rate` (librosa resampling).
 
     Accepted sources:
         - a file path (`str` or `os.PathLike`) or a ``file://`` URL: any format soundfile reads (wav, flac, ogg,
-          mp3, ...); librosa/audioread is tried for the rest;
+          mp3, ...); librosa/audioread (e.g. ffmpeg) is tried for the rest;
         - ``data:audio/<fmt>;base64,<data>`` URIs and raw base64 strings of an encoded file, and the encoded
           file's `bytes`;
         - ``http(s)://`` URLs, only with `allow_url_fetch=True`;
@@ -124,13 +137,23 @@ def load_audio(source, sampling_rate: int, allow_url_fetch: bool = False) -> np.
     Channel convention for arrays: 1-D is mono [T]; 2-D is channels first [C, T] (the torch/torchaudio layout;
     a soundfile array [T, C] must be transposed). Channels are averaged to mono; so are the channels of files.
 
+    Args:
+        max_seconds (`float`, *optional*): refuse (`AudioLimitError`) audio longer than this, and audio holding more
+            samples over all its channels than `max_seconds` of 48 kHz stereo, *before* decoding or resampling it:
+            files are measured from their header (soundfile) or, for formats only ffmpeg/audioread read, from
+            audioread's probe, and their decoding stops at `max_seconds` whatever the header claims.
+        allow_local_files (`bool`, defaults to `True`): with `False`, strings are read only as data URIs or base64
+            (never as paths or ``file://`` URLs), as a server reading client strings needs.
+
     Raises:
         ValueError: unreadable or non-audio data, invalid base64, missing sampling rate, empty audio, NaN/Inf
-            samples, URL fetching not enabled.
+            samples, URL fetching not enabled; `AudioLimitError` (a ValueError) over `max_seconds`.
     """
-    waveform, source_rate = _read_source(source, allow_url_fetch)
+    reader = _AudioReader(allow_url_fetch, max_seconds, allow_local_files)
+    waveform, source_rate = reader.read(source)
     if waveform.shape[-1] == 0:
         raise ValueError(f"Empty audio: {_describe(source)} holds no samples.")
+    reader.check(waveform.shape[-1], waveform.shape[0], source_rate)  # decoders may hold more than announced
     if not np.isfinite(waveform).all():
         raise ValueError(f"Audio {_describe(source)} contains NaN or Inf samples.")
     waveform = waveform.mean(axis=0)
@@ -139,69 +162,186 @@ def load_audio(source, sampling_rate: int, allow_url_fetch: bool = False) -> np.
     return np.ascontiguousarray(waveform, dtype=np.float32)
 
 
-def _read_source(source, allow_url_fetch):
-    """Any accepted source -> (float32 waveform [C, T], sampling rate)."""
-    if isinstance(source, tuple):
-        if len(source) != 2:
-            raise ValueError("An audio tuple must be (array, sampling_rate).")
-        return _array_to_channels_first(source[0]), _check_rate(source[1])
-    if isinstance(source, dict):
-        if "array" in source:
-            if source.get("sampling_rate") is None:
-                raise ValueError("An audio dict with an 'array' needs its 'sampling_rate' as well.")
-            return _array_to_channels_first(source["array"]), _check_rate(source["sampling_rate"])
-        if source.get("data") is not None:  # OpenAI style: base64 of an encoded file, never a path
-            return _decode_bytes(_b64decode_audio(source["data"]), "base64 data")
-        for key in ("path", "url", "bytes"):
-            if source.get(key) is not None:
-                return _read_source(source[key], allow_url_fetch)
-        raise ValueError(
-            f"Unsupported audio dict with keys {sorted(source)}; expected 'array' + 'sampling_rate', 'path', 'url', "
-            "'bytes' or 'data'."
-        )
-    if isinstance(source, (np.ndarray, torch.Tensor)):
-        raise ValueError(
-            "Audio arrays need an explicit sampling rate: pass (array, sampling_rate) or "
-            "{'array': array, 'sampling_rate': sampling_rate}."
-        )
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode_bytes(bytes(source), "audio bytes")
-    if isinstance(source, os.PathLike):
-        return _decode_file(os.fspath(source))
-    if isinstance(source, str):
-        return _read_string(source.strip(), allow_url_fetch)
-    raise ValueError(f"Unsupported audio source of type {type(source).__name__}.")
-
-
-def _read_string(text, allow_url_fetch):
+def audio_string_kind(text: str) -> str:
+    """How [`load_audio`] reads a string, decided from the text alone (no file system access):
+    ``"data"`` (data URI), ``"file"`` (file:// URL), ``"url"`` (http/https), ``"base64"`` or ``"path"``.
+    (`load_audio` itself reads an existing file of a base64-looking name as a path, when local files are allowed.)
+    """
+    text = text.strip()
     if text.startswith("data:"):
-        header, comma, payload = text.partition(",")
-        if not comma or not header.endswith(";base64"):
-            raise ValueError("Only base64 data URIs are supported for audio: 'data:audio/<format>;base64,<data>'.")
-        return _decode_bytes(_b64decode_audio(payload), "data URI")
+        return "data"
     scheme = urllib.parse.urlparse(text).scheme.lower()
     if scheme == "file":
-        parsed = urllib.parse.urlparse(text)
-        if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"Only local file:// URLs are supported, got {text!r}.")
-        return _decode_file(urllib.parse.unquote(parsed.path))
+        return "file"
     if scheme in ("http", "https"):
-        if not allow_url_fetch:
+        return "url"
+    if len(text) >= MIN_BASE64_AUDIO_CHARS and re.fullmatch(r"[A-Za-z0-9+/_\-\s]+={0,2}", text):
+        return "base64"
+    return "path"
+
+
+class _AudioReader:
+    """Reads one audio source under [`load_audio`]'s rules: URL fetching, local files and the size budget."""
+
+    def __init__(self, allow_url_fetch, max_seconds, allow_local_files):
+        self.allow_url_fetch = allow_url_fetch
+        self.max_seconds = max_seconds
+        self.allow_local_files = allow_local_files
+
+    def check(self, frames, channels, rate):
+        """Refuse `frames` x `channels` at `rate` when over budget (before decoding when the header tells)."""
+        if self.max_seconds is None:
+            return
+        if frames > self.max_seconds * rate:
+            raise AudioLimitError(f"Audio longer than {self.max_seconds:g} s ({frames / rate:.1f} s) is not accepted.")
+        if frames * channels > self.max_seconds * DECODE_BUDGET_SAMPLES_PER_SECOND:
+            raise AudioLimitError(
+                f"Audio of {channels} channel(s) at {rate} Hz holds more samples than {self.max_seconds:g} s of "
+                f"48 kHz stereo; send mono audio at a usual rate (16-48 kHz)."
+            )
+
+    def frame_limit(self, channels, rate) -> int:
+        return int(min(self.max_seconds * rate, self.max_seconds * DECODE_BUDGET_SAMPLES_PER_SECOND / channels))
+
+    def read(self, source):
+        """Any accepted source -> (float32 waveform [C, T], sampling rate)."""
+        if isinstance(source, tuple):
+            if len(source) != 2:
+                raise ValueError("An audio tuple must be (array, sampling_rate).")
+            return self.array(source[0], source[1])
+        if isinstance(source, dict):
+            if "array" in source:
+                if source.get("sampling_rate") is None:
+                    raise ValueError("An audio dict with an 'array' needs its 'sampling_rate' as well.")
+                return self.array(source["array"], source["sampling_rate"])
+            if source.get("data") is not None:  # OpenAI style: base64 of an encoded file, never a path
+                return self.decode_bytes(_b64decode_audio(source["data"]), "base64 data")
+            for key in ("path", "url", "bytes"):
+                if source.get(key) is not None:
+                    return self.read(source[key])
             raise ValueError(
-                f"Fetching audio from URLs is disabled ({text!r}); pass allow_url_fetch=True to the processor "
+                f"Unsupported audio dict with keys {sorted(source)}; expected 'array' + 'sampling_rate', 'path', "
+                "'url', 'bytes' or 'data'."
+            )
+        if isinstance(source, (np.ndarray, torch.Tensor)):
+            raise ValueError(
+                "Audio arrays need an explicit sampling rate: pass (array, sampling_rate) or "
+                "{'array': array, 'sampling_rate': sampling_rate}."
+            )
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return self.decode_bytes(bytes(source), "audio bytes")
+        if isinstance(source, os.PathLike):
+            return self.decode_file(os.fspath(source))
+        if isinstance(source, str):
+            return self.read_string(source.strip())
+        raise ValueError(f"Unsupported audio source of type {type(source).__name__}.")
+
+    def array(self, array, rate):
+        waveform, rate = _array_to_channels_first(array), _check_rate(rate)
+        self.check(waveform.shape[1], waveform.shape[0], rate)
+        return waveform, rate
+
+    def read_string(self, text):
+        kind = audio_string_kind(text)
+        if kind == "data":
+            header, comma, payload = text.partition(",")
+            if not comma or not header.endswith(";base64"):
+                raise ValueError("Only base64 data URIs are supported for audio: 'data:audio/<format>;base64,<data>'.")
+            return self.decode_bytes(_b64decode_audio(payload), "data URI")
+        if kind == "url":
+            return self.fetch(text)
+        if not self.allow_local_files:
+            if kind == "base64":
+                return self.decode_bytes(_b64decode_audio(text), "base64 string")
+            raise ValueError("Audio must be base64 or a data URI here (file paths are not accepted).")
+        if kind == "file":
+            parsed = urllib.parse.urlparse(text)
+            if parsed.netloc not in ("", "localhost"):
+                raise ValueError(f"Only local file:// URLs are supported, got {text!r}.")
+            return self.decode_file(urllib.parse.unquote(parsed.path))
+        if "\x00" not in text and os.path.exists(text):
+            return self.decode_file(text)
+        if kind == "base64":
+            return self.decode_bytes(_b64decode_audio(text), "base64 string")
+        raise ValueError(f"Audio file not found: {_describe(text)} (not an existing path, URL, data URI or base64 string).")
+
+    def fetch(self, url):
+        if not self.allow_url_fetch:
+            raise ValueError(
+                f"Fetching audio from URLs is disabled ({url!r}); pass allow_url_fetch=True to the processor "
                 "(constructor or call) to allow it, or download the file yourself."
             )
+        limit = None if self.max_seconds is None else int(self.max_seconds * DECODE_BUDGET_SAMPLES_PER_SECOND * 4)
         try:
-            with urllib.request.urlopen(text, timeout=URL_FETCH_TIMEOUT_S) as response:
-                data = response.read()
+            with urllib.request.urlopen(url, timeout=URL_FETCH_TIMEOUT_S) as response:
+                data = response.read() if limit is None else response.read(limit + 1)
         except OSError as error:
-            raise ValueError(f"Could not fetch audio from {text!r}: {error}") from None
-        return _decode_bytes(data, f"audio downloaded from {text}")
-    if os.path.exists(text):
-        return _decode_file(text)
-    if len(text) >= MIN_BASE64_AUDIO_CHARS and re.fullmatch(r"[A-Za-z0-9+/_\-\s]+={0,2}", text):
-        return _decode_bytes(_b64decode_audio(text), "base64 string")
-    raise ValueError(f"Audio file not found: {text!r} (not an existing path, URL, data URI or base64 string).")
+            raise ValueError(f"Could not fetch audio from {url!r}: {error}") from None
+        if limit is not None and len(data) > limit:
+            raise AudioLimitError(f"The audio at {url!r} is larger than {limit} bytes.")
+        return self.decode_bytes(data, f"audio downloaded from {url}")
+
+    def decode_file(self, path):
+        if "\x00" in path or not os.path.isfile(path):
+            raise ValueError(f"Audio file not found: {_describe(path)}.")
+        return self.decode(path, f"file {path!r}")
+
+    def decode_bytes(self, data, description):
+        if not data:
+            raise ValueError(f"Empty audio: the {description} holds no bytes.")
+        try:
+            return self.decode_with_soundfile(io.BytesIO(data))
+        except _NotSoundfileAudio as soundfile_error:
+            with tempfile.TemporaryDirectory() as folder:  # audioread needs a real file
+                path = os.path.join(folder, "audio")
+                with open(path, "wb") as file:
+                    file.write(data)
+                return self.decode_with_audioread(path, description, soundfile_error)
+
+    def decode(self, path, description):
+        try:
+            return self.decode_with_soundfile(path)
+        except _NotSoundfileAudio as soundfile_error:  # libsndfile refused it: try librosa (audioread, e.g. ffmpeg)
+            return self.decode_with_audioread(path, description, soundfile_error)
+
+    def decode_with_soundfile(self, file):
+        """Header first (the budget is checked before any sample is decoded), then the samples."""
+        try:
+            with sf.SoundFile(file) as sound:
+                self.check(sound.frames, sound.channels, sound.samplerate)
+                frames = -1 if self.max_seconds is None else self.frame_limit(sound.channels, sound.samplerate) + 1
+                data = sound.read(frames, dtype="float32", always_2d=True)  # never past the budget (a lying header)
+                return data.T, sound.samplerate
+        except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+            raise _NotSoundfileAudio(getattr(error, "error_string", None) or type(error).__name__) from None
+
+    def decode_with_audioread(self, path, description, soundfile_error):
+        """Formats only librosa/audioread (ffmpeg, ...) read. With a budget, the duration audioread reads from the
+        header is checked first (nothing decoded), and decoding stops at `max_seconds` whatever the header said;
+        rate and channels are checked once decoded (audioread tells them only by decoding)."""
+        duration = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # librosa warns about its audioread fallback being deprecated
+                if self.max_seconds is not None:  # the header's duration (audioread's probe; nothing decoded)
+                    duration = librosa.get_duration(path=path)
+                    if duration > self.max_seconds:
+                        raise AudioLimitError(
+                            f"Audio longer than {self.max_seconds:g} s ({duration:.1f} s) is not accepted.")
+                    duration = self.max_seconds + 1.0  # a header that lied: check() refuses what goes beyond
+                samples, rate = librosa.load(path, sr=None, mono=False, dtype=np.float32, duration=duration)
+        except AudioLimitError:
+            raise
+        except Exception as librosa_error:
+            raise ValueError(
+                f"Could not decode the {description} as audio (soundfile: {soundfile_error}; librosa: "
+                f"{type(librosa_error).__name__})."
+            ) from None
+        return np.atleast_2d(samples), int(rate)
+
+
+class _NotSoundfileAudio(Exception):
+    """soundfile cannot read the data (its message, without object reprs)."""
 
 
 def _b64decode_audio(payload):
@@ -215,42 +355,6 @@ def _b64decode_audio(payload):
         return base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError) as error:
         raise ValueError(f"Invalid base64 audio data: {error}") from None
-
-
-def _decode_file(path):
-    if not os.path.isfile(path):
-        raise ValueError(f"Audio file not found: {path!r}.")
-    try:
-        data, rate = sf.read(path, dtype="float32", always_2d=True)
-        return data.T, rate
-    except Exception as soundfile_error:  # libsndfile refused it: try librosa (audioread, e.g. ffmpeg)
-        return _decode_with_librosa(path, f"file {path!r}", soundfile_error)
-
-
-def _decode_bytes(data, description):
-    if not data:
-        raise ValueError(f"Empty audio: the {description} holds no bytes.")
-    try:
-        samples, rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        return samples.T, rate
-    except Exception as soundfile_error:
-        with tempfile.TemporaryDirectory() as folder:  # audioread needs a real file
-            path = os.path.join(folder, "audio")
-            with open(path, "wb") as file:
-                file.write(data)
-            return _decode_with_librosa(path, description, soundfile_error)
-
-
-def _decode_with_librosa(path, description, soundfile_error):
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # librosa warns about its audioread fallback being deprecated
-            samples, rate = librosa.load(path, sr=None, mono=False, dtype=np.float32)
-    except Exception as librosa_error:
-        raise ValueError(
-            f"Could not decode the {description} as audio (soundfile: {soundfile_error}; librosa: {librosa_error})."
-        ) from None
-    return np.atleast_2d(samples), int(rate)
 
 
 def _array_to_channels_first(array):
@@ -442,7 +546,8 @@ class ChromaProcessor(ProcessorMixin):
 
     def _load_user_audio(self, source, allow_url_fetch):
         rate = self.feature_extractor.sampling_rate
-        waveform = load_audio(source, rate, allow_url_fetch)
+        # refused before decoding when longer than the feature extractor accepts (or far too large to decode)
+        waveform = load_audio(source, rate, allow_url_fetch, max_seconds=self.feature_extractor.n_samples / rate)
         if len(waveform) > self.feature_extractor.n_samples:
             raise ValueError(
                 f"An audio clip lasts {len(waveform) / rate:.1f} s; the feature extractor accepts at most "
@@ -529,13 +634,74 @@ class ChromaProcessor(ProcessorMixin):
 
     # ---- outputs ----
 
-    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
-        """Generated thinker ids [B, N] -> B strings (special tokens dropped by default)."""
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, codec_model=None, audio_lengths=None,
+                     **kwargs):
+        """Decode a batch of generated outputs: text ids or audio codes (as transformers' CSM and Dia processors do).
+
+        Args:
+            sequences: thinker ids [B, N] (``out.text_sequences``) -> B strings; or audio codes [B, T, K] (3-D,
+                ``out.sequences``) -> B float32 waveforms [n] (torch tensors on the CPU) at `codec_sampling_rate`.
+            skip_special_tokens (`bool`, defaults to `True`): text only.
+            codec_model: audio only, required: the model's Mimi (``model.codec_model``), which decodes the codes.
+            audio_lengths: audio only: valid frames of every row (``out.audio_lengths``); rows are cut to them.
+        """
+        if _is_audio_codes(sequences):
+            return self._decode_codes(sequences, codec_model, audio_lengths)
+        if codec_model is not None or audio_lengths is not None:
+            raise ValueError("codec_model/audio_lengths are for audio codes [B, T, K]; got text ids.")
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
 
-    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
-        """Generated thinker ids [N] -> string (special tokens dropped by default)."""
+    def decode(self, token_ids, skip_special_tokens: bool = True, codec_model=None, audio_lengths=None, **kwargs):
+        """Decode one generated output: thinker ids [N] -> string; audio codes [1, T, K] -> one waveform [n]
+        (arguments as in [`batch_decode`])."""
+        if _is_audio_codes(token_ids):
+            if token_ids.shape[0] != 1:
+                raise ValueError(f"decode takes one row of audio codes [1, T, K], got {tuple(token_ids.shape)}; "
+                                 "use batch_decode for several.")
+            return self._decode_codes(token_ids, codec_model, audio_lengths)[0]
+        if codec_model is not None or audio_lengths is not None:
+            raise ValueError("codec_model/audio_lengths are for audio codes [1, T, K]; got text ids.")
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    @torch.no_grad()
+    def _decode_codes(self, codes, codec_model, audio_lengths) -> list[torch.Tensor]:
+        """Audio codes [B, T, K] -> B float32 CPU waveforms, each cut to its valid frames."""
+        if codec_model is None:
+            raise ValueError("Decoding audio codes needs the codec: pass codec_model=model.codec_model.")
+        codes = torch.as_tensor(codes)
+        batch, frames, _ = codes.shape
+        lengths = [frames] * batch if audio_lengths is None else [int(n) for n in torch.as_tensor(audio_lengths)]
+        if len(lengths) != batch or not all(0 <= n <= frames for n in lengths):
+            raise ValueError(f"audio_lengths {lengths} do not fit codes of shape {tuple(codes.shape)}.")
+        samples_per_frame = round(codec_model.config.sampling_rate / codec_model.config.frame_rate)  # 1920
+        if frames == 0:
+            return [torch.zeros(0) for _ in range(batch)]
+        # Mimi decodes real codes only: the EOS/pad values of the audio vocabulary (>= codebook_size) are clamped.
+        real_codes = codes.clamp(0, codec_model.config.codebook_size - 1).to(codec_model.device)
+        audio = codec_model.decode(real_codes.transpose(1, 2)).audio_values  # [B, 1, T * samples_per_frame]
+        return [audio[row, 0, : n * samples_per_frame].float().cpu() for row, n in enumerate(lengths)]
+
+    def save_audio(self, audio, saving_path, subtype: str = "PCM_16"):
+        """Write waveform(s) to audio file(s) at `codec_sampling_rate`, as transformers' CSM/Dia processors do.
+
+        Args:
+            audio: one waveform ([n], [1, n]; tensor or array) or a list of them (what `batch_decode` returns).
+            saving_path: one path, or a list with one path per waveform. The format follows the file name.
+            subtype (`str`, defaults to ``"PCM_16"``): soundfile subtype. Integer subtypes clip to [-1, 1]; when
+                samples clip, a warning says how many (scale the audio, e.g. to a peak of 0.95, to avoid it).
+        """
+        waveforms = _audio_rows(audio if isinstance(audio, (list, tuple)) else [audio])
+        paths = [saving_path] if isinstance(saving_path, (str, os.PathLike)) else list(saving_path)
+        if len(paths) != len(waveforms):
+            raise ValueError(f"Got {len(waveforms)} waveform(s) and {len(paths)} path(s): give one path per waveform.")
+        for waveform, path in zip(waveforms, paths):
+            if subtype.startswith("PCM"):
+                clipped = int(np.count_nonzero(np.abs(waveform) > 1.0))
+                if clipped:
+                    logger.warning(f"{path}: {clipped} of {len(waveform)} samples ({100 * clipped / len(waveform):.1f} "
+                                   "%) exceed [-1, 1] and are clipped.")
+                waveform = np.clip(waveform, -1.0, 1.0)
+            sf.write(path, waveform, self.codec_sampling_rate, subtype=subtype)
 
     def audio_to_numpy(self, audio_values, lengths=None) -> list[np.ndarray]:
         """Generated audio -> one float32 waveform [n] per row, at `codec_sampling_rate` (24 kHz).
@@ -649,10 +815,15 @@ def _audio_rows(audio_values):
     return [np.ascontiguousarray(row) for row in array]
 
 
+def _is_audio_codes(values) -> bool:
+    """Audio codes are 3-D [B, T, K]; text ids are 1-D or 2-D (tensors, arrays or nested lists)."""
+    return getattr(values, "ndim", None) == 3
+
+
 def _to_numpy(values):
     if isinstance(values, torch.Tensor):
         values = values.detach().to("cpu", torch.float32).numpy()
     return np.asarray(values, dtype=np.float32)
 
 
-__all__ = ["ChromaProcessor", "load_audio", "num_audio_tokens", "CHAT_TEMPLATE"]
+__all__ = ["ChromaProcessor", "load_audio", "num_audio_tokens", "CHAT_TEMPLATE", "AudioLimitError", "audio_string_kind"]

@@ -20,7 +20,7 @@ from results_file import RESULTS, append_section
 
 
 def make_job(engine, processor, voice, frames, index, done):
-    from openchroma.state_chroma import SamplingParams
+    from openchroma.sampling_chroma import SamplingParams
     from openchroma.serving.engine import GenerationJob
 
     conversation = [{"role": "user", "content": [{"type": "text", "text": f"Question number {index}?"}]}]

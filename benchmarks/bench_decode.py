@@ -140,7 +140,7 @@ def timed_stream(model, inputs, frames, decode_audio=True, runner=None, **kwargs
 
 def floor_per_frame(model, frames, repeats):
     """Bare forwards of one frame: backbone step, K-1 depth steps, half a thinker step (medians of `repeats`)."""
-    from openchroma.state_chroma import ChromaKVCache, padding_causal_mask
+    from openchroma.cache_chroma import ChromaKVCache, padding_causal_mask
 
     config = model.config
     device, dtype = model.backbone.codebook0_head.weight.device, model.backbone.codebook0_head.weight.dtype

@@ -14,7 +14,8 @@ Subcommands:
     serve    OpenAI-compatible HTTP server (needs the `server` extra; see docs/server.md)
 
 Not a hub file: no configuration_/modeling_/generation_/processing_chroma.py imports it, so it may use any installed
-package. Usage errors (missing files, unreadable audio, a voice without its transcript) exit with status 2.
+package. Usage errors (missing files, unreadable audio, a voice without its transcript) are reported in one line
+plus a hint and exit with status 2, before any model loads.
 """
 
 import argparse
@@ -30,6 +31,10 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from ..quantization import MODES as QUANTIZATION_MODES
+from ..quantization import check_mode as check_quantization_mode
+from ..quantization import load_quantized
+from ..pipeline_chroma import SPEAK_REQUEST, SPEAK_SYSTEM_PROMPT
 from ..testing import TINY_MODEL_SEED
 
 
@@ -42,10 +47,7 @@ except ImportError:  # pragma: no cover
 logger = logging.getLogger("openchroma.cli")
 
 # The system prompt of the official README and notebook.
-DEFAULT_SYSTEM_PROMPT = (
-    "You are Chroma, an advanced virtual human created by the FlashLabs. You possess the ability to understand "
-    "auditory inputs and generate both text and speech."
-)
+DEFAULT_SYSTEM_PROMPT = SPEAK_SYSTEM_PROMPT
 # The tiny random model: its weights come from this torch seed, so every run builds the same model.
 # The tiny model never decides to stop; without --max-frames it generates this many frames (80 ms each).
 TINY_DEFAULT_MAX_FRAMES = 50
@@ -56,6 +58,26 @@ TINY_MODEL_WARNING = (
 )
 # Seconds between redraws of the progress spinner.
 SPINNER_INTERVAL_S = 0.25
+# --normalize scales the answer to this peak (about -0.4 dBFS), leaving headroom below full scale.
+NORMALIZE_PEAK = 0.95
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors in one line plus a hint (argparse prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\nhint: run '{self.prog} --help' for the options\n")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Show each option's default in --help, unless it has none or the help text already names it."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        hidden = (None, False, argparse.SUPPRESS, [])
+        if "default" in help_text or action.default in hidden or not action.option_strings:
+            return help_text
+        return help_text + " (default: %(default)s)"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -64,14 +86,17 @@ SPINNER_INTERVAL_S = 0.25
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="openchroma",
         description="Chroma 1.0 spoken dialogue with voice cloning (openchroma).",
+        formatter_class=DefaultsHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     answer = commands.add_parser(
         "answer",
+        formatter_class=DefaultsHelpFormatter,
         help="answer a spoken question in a reference voice",
         description="Answer a spoken question (audio file) in the voice of a reference recording. Writes the spoken "
         "answer as a 24 kHz WAV and prints its text.",
@@ -82,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     speak = commands.add_parser(
         "speak",
+        formatter_class=DefaultsHelpFormatter,
         help="say a given text in a reference voice",
         description="Text to speech: the model speaks TEXT (its thinker reads the text instead of answering) in the "
         "voice of a reference recording. Writes a 24 kHz WAV.",
@@ -92,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve",
+        formatter_class=DefaultsHelpFormatter,
         help="run the OpenAI-compatible HTTP server (needs: pip install 'openchroma[server]')",
         description="OpenAI-compatible speech server: /v1/chat/completions, /v1/audio/speech, /v1/audio/voices. "
         "See docs/server.md.",
@@ -148,12 +175,28 @@ def add_voice_and_model_options(answer) -> None:
     answer.add_argument(
         "--dtype", choices=["float32", "bfloat16"], help="weights' dtype (default: bfloat16 on cuda, else float32)"
     )
-    answer.add_argument("--no-progress", action="store_true", help="no progress spinner on stderr")
+    answer.add_argument("--quantize", choices=list(QUANTIZATION_MODES),
+                        help="load the thinker and backbone quantized (int8: CPU or CUDA; int4, bnb-8bit, bnb-4bit: "
+                             "CUDA; needs the quant extra); see docs/quantization.md")
+    answer.add_argument("--normalize", action="store_true",
+                        help=f"scale the answer to a peak of {NORMALIZE_PEAK} (no clipping, fixed loudness)")
+    answer.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     answer.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
 
 
+def version_line() -> str:
+    import transformers
+
+    from .. import __version__
+
+    return f"openchroma {__version__} (transformers {transformers.__version__}, torch {torch.__version__})"
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
@@ -176,7 +219,19 @@ def main(argv=None) -> int:
 def run_serve(args) -> int:
     from ..serving.app import serve
 
+    check_serve_args(args)
     return serve(args)
+
+
+def check_serve_args(args) -> None:
+    """The checks `answer` makes, before the model loads: the model folder and every --register-voice file."""
+    parser = args.parser
+    if args.model is not None:
+        args.model = check_model_name(parser, args.model)
+    for voice_id, audio_path, transcript_path in args.register_voice:
+        check_audio_file(parser, audio_path, f"--register-voice {voice_id} audio")
+        if not os.path.isfile(transcript_path):
+            parser.error(f"--register-voice {voice_id}: transcript file not found: {transcript_path}")
 
 
 def run_serve_missing(args) -> int:
@@ -199,7 +254,7 @@ def run_answer(args) -> int:
     # A checkpoint shows transformers' own download and "Loading weights" bars (with ours on); the tiny model a spinner.
     with phase("loading model", args, spinner=args.model is None), library_progress_bars(show_progress(args)):
         try:
-            model, processor = load_model(args.model, device, dtype, args.trust_remote_code)
+            model, processor = load_model(args.model, device, dtype, args.trust_remote_code, args.quantize)
         except (OSError, ValueError) as error:
             logger.error("could not load the model %r: %s", args.model, error)
             return 1
@@ -215,7 +270,7 @@ def run_answer(args) -> int:
     else:  # speak: the thinker reads the given text instead of choosing its own words
         conversation = [
             {"role": "system", "content": args.system},
-            {"role": "user", "content": f"Please say exactly this: {args.text}"},
+            {"role": "user", "content": SPEAK_REQUEST.format(text=args.text)},
         ]
         ids = processor.tokenizer(args.text, add_special_tokens=False).input_ids
         if not ids:
@@ -231,17 +286,19 @@ def run_answer(args) -> int:
             parser.error(str(error))
 
     start = time.perf_counter()
-    limit = f"up to {max_frames} frames" if max_frames else "up to the model's frame limit"
-    with phase(f"generating ({limit})", args):
+    total = max_frames or model.generation_config.max_new_tokens
+    with frame_progress(args, total) as streamer:
         output = model.generate(
-            **inputs.to(device), **generation_kwargs(args, max_frames, device), **extra, return_dict_in_generate=True
+            **inputs.to(device), **generation_kwargs(args, max_frames, device), **extra, return_dict_in_generate=True,
+            streamer=streamer,
         )
     num_frames = int(output.audio_lengths[0])
     logger.info("generated %d frames in %.1f s", num_frames, elapsed(start))
 
     with phase("decoding audio", args):
         waveform = decode_audio(model, output.sequences[:1, :num_frames])
-    sampling_rate = model.config.codec_config.sampling_rate
+    waveform = fit_to_pcm(waveform, args.output, args.normalize)
+    sampling_rate = model.config.sampling_rate
     sf.write(args.output, waveform, sampling_rate, subtype="PCM_16")
     logger.info("wrote %s: %.2f s of audio at %d Hz", args.output, len(waveform) / sampling_rate, sampling_rate)
     if num_frames == 0:
@@ -270,6 +327,11 @@ def check_answer_args(args):
     if args.model is not None:
         args.model = check_model_name(parser, args.model)
     device, dtype = resolve_device_and_dtype(args, parser)
+    if args.quantize is not None:
+        try:
+            check_quantization_mode(args.quantize, device, dtype)
+        except (ValueError, ImportError) as error:
+            parser.error(f"--quantize {args.quantize}: {error}")
     max_frames = args.max_frames
     if max_frames is None and args.model is None:
         max_frames = TINY_DEFAULT_MAX_FRAMES
@@ -347,19 +409,24 @@ def resolve_device_and_dtype(args, parser):
     return device, getattr(torch, dtype_name)
 
 
-def load_model(name, device, dtype, trust_remote_code):
-    """-> (model in eval mode on `device`, processor). `name=None` builds the tiny random model."""
+def load_model(name, device, dtype, trust_remote_code, quantize=None):
+    """-> (model in eval mode on `device`, processor). `name=None` builds the tiny random model. `quantize`: a mode
+    of `openchroma.quantization.MODES` (quantized while transformers loads the weights)."""
     import openchroma  # noqa: F401  (registers Chroma with the Auto classes: a folder without remote code loads too)
 
     if name is None:
         from ..testing import build_tiny_model, build_tiny_processor
 
         model = build_tiny_model(TINY_MODEL_SEED)  # the same weights every run
+        if quantize is not None:
+            return load_quantized(model, quantize, device, dtype), build_tiny_processor()
         return model.to(device=device, dtype=dtype).eval(), build_tiny_processor()
 
     from transformers import AutoModelForCausalLM, AutoProcessor
 
     processor = AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if quantize is not None:
+        return load_quantized(name, quantize, device, dtype, trust_remote_code=trust_remote_code), processor
     model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=trust_remote_code, dtype=dtype)
     return model.to(device).eval(), processor
 
@@ -382,12 +449,52 @@ def decode_audio(model, codes: torch.Tensor) -> np.ndarray:
         return np.zeros(0, dtype=np.float32)
     codes = codes.clamp(0, model.config.codec_config.codebook_size - 1)  # Mimi decodes real codes only
     audio = model.codec_model.decode(codes.permute(0, 2, 1)).audio_values  # [1, 1, T * 1920]
-    return audio[0, 0].float().clamp(-1.0, 1.0).cpu().numpy()
+    return audio[0, 0].float().cpu().numpy()
+
+
+def fit_to_pcm(waveform: np.ndarray, path: str, normalize: bool) -> np.ndarray:
+    """16-bit PCM holds [-1, 1]: scale to NORMALIZE_PEAK with --normalize, else clip and warn when samples clip."""
+    peak = float(np.abs(waveform).max()) if waveform.size else 0.0
+    if normalize and peak > 0:
+        logger.info("normalized the answer: peak %.3f -> %.2f", peak, NORMALIZE_PEAK)
+        return waveform * (NORMALIZE_PEAK / peak)
+    clipped = int(np.count_nonzero(np.abs(waveform) > 1.0))
+    if clipped:
+        logger.warning("%s: %.1f %% of the samples (peak %.2f) are beyond full scale and clipped; --normalize scales "
+                       "the answer to fit", path, 100 * clipped / waveform.size, peak)
+    return np.clip(waveform, -1.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Progress
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+class FrameProgress:
+    """A `generate(streamer=...)` receiver that advances a tqdm bar by the frames of every chunk."""
+
+    def __init__(self, bar):
+        self.bar = bar
+
+    def put(self, chunk) -> None:
+        self.bar.update(int(chunk.audio_valid[0].sum()))
+
+    def end(self) -> None:
+        self.bar.refresh()
+
+
+@contextlib.contextmanager
+def frame_progress(args, total: int):
+    """-> a streamer for `generate` showing a per-frame bar on a terminal (see `show_progress`), else None."""
+    if not show_progress(args):
+        yield None
+        return
+    bar = tqdm(total=total, desc="generating", unit="frame", file=sys.stderr, leave=False)
+    try:
+        with logging_redirect_tqdm(loggers=[logger, logging.getLogger("transformers")]):
+            yield FrameProgress(bar)
+    finally:
+        bar.close()
 
 
 def show_progress(args) -> bool:
@@ -399,8 +506,8 @@ def show_progress(args) -> bool:
 def phase(description: str, args, spinner: bool = True):
     """Show `description` with a spinner and the elapsed time on stderr while the block runs (see `show_progress`).
 
-    Generation exposes no per-frame callback yet, so this is a spinner per phase, not a frame counter. Log records
-    emitted meanwhile are written above the spinner instead of through it.
+    For the phases without a frame count (loading, reading audio, decoding); generation has its per-frame bar
+    (`frame_progress`). Log records emitted meanwhile are written above the spinner instead of through it.
     """
     if not (spinner and show_progress(args)):
         yield

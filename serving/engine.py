@@ -3,10 +3,17 @@
 
 Continuous batching (`ChromaEngine`): requests wait in one FIFO queue. There is one running batch. Between two
 frames the worker prefills the requests that arrived (one batched `ChromaGenerator.start`, up to max_batch_size),
-runs their first frame, and merges their state into the running batch (`state_chroma.merge_states`: each row's
+runs their first frame, and merges their state into the running batch (`batching_chroma.merge_states`: each row's
 caches move in as left padding, so its answer does not change), after one more frame on their own when they are
 off the batch's text schedule. From the next frame on they share every decode step; rows that finish leave the
-batch at once (`state_chroma.select_rows`).
+batch at once (`batching_chroma.select_rows`).
+
+Prefill groups: requests are prefilled together only while their padded prompts stay within max_prefill_tokens
+(rows x longest prompt); a longer prompt is prefilled alone, so one long prompt never pads others into quadratic
+attention memory (`prefill_groups`).
+
+Draining (`begin_drain`, SIGTERM): new requests get 503; after the drain time every request still queued or
+running ends with an error event, so its client knows.
 
 Per-row behaviour, so that a request's output never depends on its neighbours:
     * sampling: every row has its own `SamplingParams` and its own `torch.Generator` (`RowSamplingGenerator`), seeded
@@ -33,11 +40,17 @@ from typing import Any, Callable, Dict, List, Literal, Optional
 import torch
 
 from ..generation_chroma import ChromaGenerator
-from ..state_chroma import ChromaVoice, SamplingParams, merge_states, sample_rows, select_rows
+from ..batching_chroma import merge_states, select_rows
+from ..sampling_chroma import SamplingParams, sample_rows
+from ..voice_chroma import ChromaVoice
 from .schemas import APIError
 
 
 logger = logging.getLogger("openchroma.server")
+
+# the counters GET /health reports (docs/server.md lists them)
+METRICS = ("requests_total", "batches_total", "joined_running_total", "frames_total", "completed_total",
+           "cancelled_total", "errors_total")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -163,7 +176,8 @@ class ChromaEngine:
     """
 
     def __init__(self, model, processor, max_batch_size: int = 16, max_active_rows: int = 64,
-                 batch_window_s: float = 0.01, chunk_frames=(2,), exact_audio: bool = False):
+                 batch_window_s: float = 0.01, chunk_frames=(2,), exact_audio: bool = False,
+                 max_prefill_tokens: int = 4096):
         self.model = model
         self.processor = processor
         self.audio_decoder = model.streaming_audio_decoder()
@@ -173,11 +187,14 @@ class ChromaEngine:
         self.max_active_rows = max_active_rows
         self.batch_window_s = batch_window_s
         self.chunk_frames = tuple(chunk_frames)
-        self.metrics = collections.Counter()
+        self.max_prefill_tokens = max_prefill_tokens
+        self.metrics = collections.Counter(dict.fromkeys(METRICS, 0))  # /health shows every counter from the start
         self._pending = collections.deque()  # GenerationJob | (callable, Future), FIFO
         self._batch: Optional[RunningBatch] = None
         self._wake = threading.Condition()
         self._stopping = False
+        self._draining = False  # begin_drain: no new requests
+        self._abort = False  # the drain time is over: end every request
         self._thread = None
 
     # -- public (any thread) ---------------------------------------------------------------------------------------
@@ -196,9 +213,25 @@ class ChromaEngine:
             self._thread.join(timeout=30)
             self._thread = None
 
+    def begin_drain(self, seconds: float):
+        """Stop taking requests; after `seconds`, end every request still queued or running with a 503 error."""
+        with self._wake:
+            if self._draining:
+                return
+            self._draining = True
+        logger.info("draining: %.1f s for the answers in flight", seconds)
+        timer = threading.Timer(seconds, self._abort_all)
+        timer.daemon = True
+        timer.start()
+
+    def _abort_all(self):
+        with self._wake:
+            self._abort = True
+            self._wake.notify_all()
+
     def submit(self, job: GenerationJob):
         with self._wake:
-            if self._stopping:
+            if self._stopping or self._draining:
                 raise APIError(503, "The server is shutting down.", type="server_error", code="shutting_down")
             self._pending.append(job)
             self.metrics["requests_total"] += 1
@@ -220,7 +253,8 @@ class ChromaEngine:
         with self._wake:
             queued = sum(isinstance(p, GenerationJob) for p in self._pending)
             active = self._batch.active if self._batch is not None else 0
-            return {"queued": queued, "active_rows": active, "worker_alive": self.alive, **self.metrics}
+            return {"queued": queued, "active_rows": active, "worker_alive": self.alive,
+                    "draining": self._draining, **self.metrics}
 
     # -- worker thread -----------------------------------------------------------------------------------------------
 
@@ -228,10 +262,14 @@ class ChromaEngine:
         logger.info("worker started (joins of up to %d, %d active rows)", self.max_batch_size, self.max_active_rows)
         while True:
             with self._wake:
-                while not self._pending and self._batch is None and not self._stopping:
+                while not self._pending and self._batch is None and not self._stopping and not self._abort:
                     self._wake.wait()
                 if self._stopping:
                     break
+                if self._abort:
+                    self._end_everything("The server is shutting down.")
+                    self._abort = False
+                    continue
                 if self._batch is None and self._pending and self.batch_window_s > 0:
                     self._wait_for_company()
                 admitted = self._take_admissible()
@@ -241,8 +279,9 @@ class ChromaEngine:
             jobs = [item for item in admitted if isinstance(item, GenerationJob)]
             for kind in ("chat", "speech"):  # one prefill is all free-talking or all forced-text (speech) rows
                 group = [job for job in jobs if job.kind == kind]
-                for start in range(0, len(group), self.max_batch_size):
-                    rows = group[start:start + self.max_batch_size]
+                lengths = [job.thinker_inputs["thinker_input_ids"].shape[1] for job in group]
+                for rows in prefill_groups(lengths, self.max_batch_size, self.max_prefill_tokens):
+                    rows = [group[i] for i in rows]
                     try:
                         self._join(rows)
                     except Exception as error:
@@ -258,10 +297,10 @@ class ChromaEngine:
         self._shutdown()
 
     def _fail(self, jobs, error):
-        """An unexpected failure: the requests involved get a 500, the worker carries on."""
+        """An unexpected failure: the requests involved get a 500 (details in the log only), the worker carries on."""
         logger.error("generation failed for %d request(s)", len(jobs), exc_info=error)
         for job in jobs:
-            job.sink(("error", 500, f"Generation failed: {error}"))
+            job.sink(("error", 500, "Generation failed."))
         self.metrics["errors_total"] += len(jobs)
 
     def _wait_for_company(self):
@@ -308,7 +347,7 @@ class ChromaEngine:
             if job.voice is None and job.reference is not None:
                 try:
                     job.voice = self.model.encode_voice(*job.reference)
-                except Exception as error:
+                except ValueError as error:
                     job.sink(("error", 400, f"Could not encode the reference voice: {error}"))
                     self.metrics["errors_total"] += 1
                     continue
@@ -493,19 +532,41 @@ class ChromaEngine:
             job.sink(("done", reason, batch.frame_counts[b], batch.text_counts[b]))
 
     def _shutdown(self):
+        with self._wake:
+            self._end_everything("The server is shutting down.")
+        logger.info("worker stopped")
+
+    def _end_everything(self, message: str):
+        """Every running and queued request ends with a 503 error (lock held by caller)."""
         batch = self._batch
         if batch is not None:
             for b, job in enumerate(batch.jobs):
                 if not batch.ended[b]:
-                    job.sink(("error", 503, "The server is shutting down."))
+                    batch.ended[b] = True
+                    job.sink(("error", 503, message))
         self._batch = None
         while self._pending:
             item = self._pending.popleft()
             if isinstance(item, tuple):
                 item[1].cancel()
             else:
-                item.sink(("error", 503, "The server is shutting down."))
-        logger.info("worker stopped")
+                item.sink(("error", 503, message))
+
+
+def prefill_groups(lengths: List[int], max_rows: int, max_tokens: int) -> List[List[int]]:
+    """Indices of prompts (in order) grouped for prefill: a group's padded size (rows x longest prompt) stays within
+    `max_tokens`, and it holds at most `max_rows`; a prompt longer than `max_tokens` is prefilled alone."""
+    groups, current, longest = [], [], 0
+    for i, length in enumerate(lengths):
+        widest = max(longest, length)
+        if current and (len(current) == max_rows or (len(current) + 1) * widest > max_tokens):
+            groups.append(current)
+            current, widest = [], length
+        current.append(i)
+        longest = widest
+    if current:
+        groups.append(current)
+    return groups
 
 
 def silent_voice(model) -> ChromaVoice:

@@ -1,7 +1,7 @@
 # Copyright 2026 The OpenChroma authors. Licensed under the Apache License, Version 2.0.
 """The server's settings, errors (OpenAI's JSON shape), request schemas and audio output encodings.
 
-Not a hub file (needs the `server` extra); `server_chroma.py` builds the app from these.
+Not a hub file (needs the `server` extra); `app.py` builds the app from these.
 """
 
 import io
@@ -23,9 +23,6 @@ OPENAI_VOICE_NAMES = frozenset(
     "alloy ash ballad coral echo fable nova onyx sage shimmer verse marin cedar".split()
 )
 VOICE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-BASE64_PATTERN = re.compile(r"^[A-Za-z0-9+/]*={0,2}$")
-# Prompt for /v1/audio/speech: the thinker reads the request, then the forced text is fed as its answer
-SPEECH_PROMPT = "Read the following text aloud, exactly as written:\n{text}"
 
 
 @dataclass
@@ -33,20 +30,29 @@ class ServerSettings:
     """What the operator decides; everything a request may ask for is bounded here."""
 
     model_name: str = "chroma-4b"  # the id /v1/models lists and requests name
-    model_aliases: tuple = ()  # other accepted `model` values (e.g. the hub id)
-    api_key: Optional[str] = None
+    model_aliases: tuple = ()  # other accepted `model` values (e.g. the hub id, more --served-model-name values)
+    api_key: Optional[str] = None  # when set: required on /v1 and on the API docs (/docs, /redoc, /openapi.json)
     voices_dir: Optional[Path] = None  # None: voices live in memory only
     default_voice: Optional[str] = None  # voice id used when a request names none (or an OpenAI built-in name)
-    allow_dirs: tuple = ()  # directories whose files `prompt_audio` may name
+    allow_dirs: tuple = ()  # directories whose files `prompt_audio` / audio content parts may name
     allow_url_fetch: bool = False
-    url_fetch_timeout_s: float = 15.0
-    max_body_bytes: int = 32 * 1024 * 1024
+    allow_private_urls: bool = False  # let URL fetching reach loopback, private and link-local addresses
+    url_fetch_timeout_s: float = 15.0  # total deadline of one fetch (connect, headers and body)
+    max_body_bytes: int = 32 * 1024 * 1024  # also the size cap of a fetched URL and of an allowed file
+    body_timeout_s: float = 60.0  # a request body must arrive within this (slow uploads get 408)
+    header_timeout_s: float = 10.0  # a connection must send a complete request head within this
     max_audio_seconds: float = 60.0  # per clip (user audio and reference voices)
+    max_total_audio_seconds: float = 120.0  # all clips of one request together
+    max_audio_parts: int = 16  # audio content parts (+ prompt_audio) per request
+    max_messages: int = 256  # messages per chat request
+    max_prompt_tokens: Optional[int] = None  # thinker prompt tokens; None: the thinker's context minus the answer
     max_input_chars: int = 4096  # /v1/audio/speech input
+    max_instructions_chars: int = 4096  # /v1/audio/speech instructions
     default_max_frames: int = 1000  # audio frames per answer when the request sets none (80 ms each)
     max_frames: int = 2000  # upper bound a request may ask for
     max_text_tokens: int = 1024  # upper bound on max_completion_tokens / max_tokens
     audio_ttl_s: int = 3600  # how long an answer's audio id can be referenced in a later turn
+    drain_s: float = 10.0  # on SIGTERM: how long in-flight answers may finish before they are ended
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -56,9 +62,10 @@ class ServerSettings:
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 type: str = "invalid_request_error"):
+                 type: str = "invalid_request_error", close: bool = False):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.close = close  # answer with `Connection: close` (the rest of the request was not read)
 
 
 def error_body(message, type="invalid_request_error", param=None, code=None) -> dict:
@@ -66,7 +73,9 @@ def error_body(message, type="invalid_request_error", param=None, code=None) -> 
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error.message, error.type, error.param, error.code), status_code=error.status)
+    headers = {"Connection": "close"} if error.close else None
+    return JSONResponse(error_body(error.message, error.type, error.param, error.code), status_code=error.status,
+                        headers=headers)
 
 
 def bad_request(message, param=None, code=None) -> APIError:

@@ -1,4 +1,4 @@
-"""Rows joining and leaving a running batch (state_chroma.merge_states / select_rows): every row's answer is
+"""Rows joining and leaving a running batch (batching_chroma.merge_states / select_rows): every row's answer is
 exactly its solo answer, whenever it joined and whoever it shared steps with."""
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 from conftest import reference
 from openchroma import ChromaGenerator
-from openchroma.state_chroma import merge_states, select_rows
+from openchroma.batching_chroma import merge_states, select_rows
 from test_generation import variant_inputs
 
 FRAMES = 9

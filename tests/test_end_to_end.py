@@ -36,17 +36,22 @@ def test_model_card_snippet_runs_verbatim_with_trust_remote_code(tmp_path):
     code = code.replace('"output.wav"', repr(str(tmp_path / "output.wav")))
     script = tmp_path / "snippet.py"
     script.write_text(code + "\nimport sys, json\nprint(json.dumps({'modules': sorted(m for m in sys.modules "
-                      "if m.split('.')[0] == 'openchroma')}))\n")
+                      "if m.split('.')[0] == 'openchroma'), 'codes': output.sequences.tolist(), "
+                      "'text': output.text_sequences.tolist()}))\n")
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
                             env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.strip().splitlines()
-    assert json.loads(lines[-1]) == {"modules": []}, "the snippet must run on remote code only"
-    transcript = lines[-2] if len(lines) >= 2 else ""
-    assert isinstance(transcript, str)
+    report = json.loads(lines[-1])
+    assert report["modules"] == [], "the snippet must run on remote code only"
+    # the printed line is the answer's text: the decoded text ids of the generated answer
+    expected = build_tiny_processor().batch_decode(torch.tensor(report["text"]), skip_special_tokens=True)[0]
+    assert result.stdout.endswith(expected + "\n" + lines[-1] + "\n"), (expected, result.stdout[-500:])
+    codes = torch.tensor(report["codes"])  # [1, T, K]
+    assert codes.shape[0] == 1 and 1 <= codes.shape[1] <= 12 and codes.shape[2] == 8
     wave, rate = sf.read(str(tmp_path / "output.wav"))
-    assert rate == 24000 and wave.ndim == 1 and len(wave) % 1920 == 0 and len(wave) > 0
+    assert rate == 24000 and wave.ndim == 1 and len(wave) == 1920 * codes.shape[1]  # one 80 ms frame per code row
     for name in ("configuration_chroma.py", "modeling_chroma.py", "generation_chroma.py", "processing_chroma.py"):
         assert (folder / name).exists(), name
 
@@ -77,4 +82,6 @@ def test_processor_batch_equals_solo_generate():
         t = int(solo.text_lengths[0])
         assert out.text_sequences[b, :t].tolist() == solo.text_sequences[0, :t].tolist(), b
     decoded = processor.batch_decode(out.text_sequences, skip_special_tokens=True)
-    assert len(decoded) == 3 and all(isinstance(s, str) for s in decoded)
+    for b in range(3):  # each row's text is its own ids only (the pad id after a shorter row is skipped)
+        ids = out.text_sequences[b, : int(out.text_lengths[b])]
+        assert decoded[b] == processor.tokenizer.decode(ids, skip_special_tokens=True)

@@ -6,7 +6,8 @@ import torch
 
 from conftest import reference, tiny_model
 from openchroma import ChromaGenerator, SamplingParams
-from openchroma.state_chroma import padding_causal_mask, sample_next_token
+from openchroma.cache_chroma import padding_causal_mask
+from openchroma.sampling_chroma import sample_next_token
 
 
 def variant_inputs(ref, seed, text_len=None, audio_len=None):
@@ -259,7 +260,7 @@ def test_bad_max_new_tokens():
 def test_sample_rows_equals_sampling_each_row_alone():
     """The batched per-row sampler gives every row exactly `sample_next_token` on that row with its own generator,
     for mixed temperatures, top-k (off, 1, 50, beyond the vocabulary) and top-p (off, 0.9, 0.5), draw after draw."""
-    from openchroma.state_chroma import SamplingParams, sample_rows
+    from openchroma.sampling_chroma import SamplingParams, sample_rows
 
     params = [SamplingParams(True, 0.7, 50, 1.0), SamplingParams(True, 1.3, 0, 0.9), SamplingParams(True, 1.0, 1, 1.0),
               SamplingParams(True, 0.9, 5000, 0.5), SamplingParams(True, 1.0, 0, 1.0)]

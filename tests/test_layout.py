@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 HUB_FILES = sorted(path.name for path in REPO.glob("*_chroma.py"))
-PACKAGE_FOLDERS = ("cli", "serving", "testing", "training")
+PACKAGE_FOLDERS = ("cli", "serving", "testing", "training", "quantization")
 STDLIB = set(sys.stdlib_module_names)
 
 

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible server (server_chroma.py): real HTTP on 127.0.0.1 with the tiny random model.
+"""The OpenAI-compatible server (serving/): real HTTP on 127.0.0.1 with the tiny random model.
 
 One uvicorn server runs in a background thread for the whole module; the official `openai` client and raw httpx
 drive it. The tiny model's audio is noise and its text gibberish, so the checks are about shapes, framing,
@@ -24,7 +24,7 @@ openai = pytest.importorskip("openai")
 sf = pytest.importorskip("soundfile")
 
 
-from openchroma.serving.app import ChromaEngine, ServerSettings, VoiceStore, create_app  # noqa: E402
+from openchroma.serving.app import ChromaEngine, ServerSettings, VoiceStore, create_app, uvicorn_config  # noqa: E402
 from openchroma.testing import build_tiny_model, build_tiny_processor  # noqa: E402
 
 
@@ -45,7 +45,7 @@ def b64(data: bytes) -> str:
 
 
 class Server:
-    """uvicorn serving create_app(...) in a daemon thread."""
+    """uvicorn serving create_app(...) in a daemon thread, configured as `openchroma serve` configures it."""
 
     def __init__(self, app):
         self.app = app
@@ -53,7 +53,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, app.state.settings, port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self):

@@ -297,7 +297,7 @@ class ChromaDataCollator:
 
     @property
     def device(self):
-        return self.model.backbone.codebook0_head.weight.device
+        return self.model.backbone_device_dtype()[0]
 
     @torch.no_grad()
     def __call__(self, items):
@@ -358,11 +358,15 @@ class ChromaDataCollator:
             fed = int((row["slot_types"] == SLOT_ANSWER_TOKEN).sum())
             if fed < len(texts[b]) and item["where"] not in self._warned:
                 self._warned.add(item["where"])
+                seconds = answers[b].shape[0] / config.codec_config.frame_rate
                 logger.warning(
-                    "%s: the answer audio (%d frames) is too short for its text (%d tokens with <|im_end|>); the "
-                    "last %d tokens are never fed (generation feeds one token per %d frames)",
-                    item["where"], answers[b].shape[0], len(texts[b]), len(texts[b]) - fed,
-                    config.audio_frames_per_text_token,
+                    "%s: the answer audio (%.2f s, %d frames) is too short for its text (%d tokens with <|im_end|>, "
+                    "%.1f tokens/s; generation feeds at most %.2f tokens/s, one per %d frames): the last %d tokens "
+                    "are never fed (with --model tiny this is expected: its test tokenizer cuts words into "
+                    "~1.4-character pieces, so natural speech exceeds the limit; see docs/finetuning.md)",
+                    item["where"], seconds, answers[b].shape[0], len(texts[b]), len(texts[b]) / seconds,
+                    config.codec_config.frame_rate / config.audio_frames_per_text_token,
+                    config.audio_frames_per_text_token, len(texts[b]) - fed,
                 )
             rows.append(row)
         return rows
@@ -408,7 +412,7 @@ class ChromaDataCollator:
         [E(text_start), E(transcript), E(text_end), frame_emb(reference), 0]); answer_codes [T, K]; text t_1..t_N
         (list of ids); text_hidden [m + 1, D] = h_0..h_m."""
         model, config = self.model, self.config
-        device, dtype = self.device, model.backbone.audio_embedding.embed_audio_tokens.weight.dtype
+        device, dtype = model.backbone_device_dtype()
         k, per_text = config.audio_num_codebooks, config.audio_frames_per_text_token
         embeds, types, codes = [], [], []
 
@@ -768,4 +772,7 @@ def train(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    train(args)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines are written above the progress bar instead of through it
+        train(args)
