@@ -53,6 +53,7 @@ def rss_gib(field="VmRSS"):
 
 def load(folder, mode):
     from openchroma import ChromaForConditionalGeneration
+    from openchroma.testing import randomize_codebooks
     from openchroma.quantization import load_quantized
 
     if mode in ("float32", "bfloat16"):
@@ -110,14 +111,7 @@ def prepare_checkpoint(folder):
 
     torch.manual_seed(0)
     model = ChromaForConditionalGeneration(build_config("mid")).eval()
-    with torch.no_grad():
-        for name, buffer in model.codec_model.named_buffers():
-            if name.endswith("codebook.embed_sum"):
-                buffer.normal_()
-            elif name.endswith("codebook.cluster_usage"):
-                buffer.uniform_(0.5, 1.5)
-            elif name.endswith("codebook.initialized"):
-                buffer.fill_(1.0)
+    randomize_codebooks(model.codec_model)
     model.save_pretrained(folder)
 
 

@@ -53,7 +53,7 @@ from ..voice_chroma import ChromaVoice
 from ..processing_chroma import audio_string_kind, load_audio
 from ..quantization import MODES as QUANTIZATION_MODES
 from ..quantization import check_mode as check_quantization_mode
-from .engine import ChromaEngine, GenerationJob
+from .engine import ChromaEngine, EventBridge, GenerationJob
 from .fetch import UrlFetcher
 from .http import DrainingServer, GuardMiddleware, send_json, uvicorn_config  # noqa: F401  (send_json: re-exported)
 from .realtime import add_realtime_arguments, realtime_settings, register_realtime
@@ -71,19 +71,6 @@ logger = logging.getLogger("openchroma.server")
 # ----------------------------------------------------------------------------------------------------------------------
 # HTTP plumbing: guard middleware, worker events on the event loop
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-class EventBridge:
-    """The worker's events for one request, delivered into an asyncio.Queue on the event loop."""
-
-    def __init__(self, loop):
-        self.loop, self.queue = loop, asyncio.Queue()
-
-    def __call__(self, event):
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
 
 
 async def next_event(bridge: EventBridge, job: GenerationJob, request: Request):

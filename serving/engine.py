@@ -28,6 +28,7 @@ Per-row behaviour, so that a request's output never depends on its neighbours:
 Not a hub file (needs the `server` extra).
 """
 
+import asyncio
 import collections
 import logging
 import secrets
@@ -596,3 +597,15 @@ def collate_thinker_inputs(rows: List[Dict[str, torch.Tensor]], pad_id: int) -> 
             "thinker_input_features": features, "thinker_feature_attention_mask": feature_mask}
 
 
+class EventBridge:
+    """A job's sink for the worker's events: delivers them into an asyncio.Queue on the event loop (HTTP routes and
+    realtime sessions both read their jobs' events this way)."""
+
+    def __init__(self, loop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def __call__(self, event):
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            pass

@@ -199,15 +199,20 @@ def build_tiny_model(seed: int = TINY_MODEL_SEED, **config_overrides):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ChromaForConditionalGeneration(build_tiny_config(**config_overrides))
-        with torch.no_grad():
-            for name, buffer in model.codec_model.named_buffers():
-                if name.endswith("codebook.embed_sum"):
-                    buffer.normal_()
-                elif name.endswith("codebook.cluster_usage"):
-                    buffer.uniform_(0.5, 1.5)
-                elif name.endswith("codebook.initialized"):
-                    buffer.fill_(1.0)
+        randomize_codebooks(model.codec_model)
     return model.eval()
+
+
+def randomize_codebooks(codec_model) -> None:
+    """Give Mimi's codebooks random entries (a fresh MimiModel leaves them at zero), from the current torch RNG."""
+    with torch.no_grad():
+        for name, buffer in codec_model.named_buffers():
+            if name.endswith("codebook.embed_sum"):
+                buffer.normal_()
+            elif name.endswith("codebook.cluster_usage"):
+                buffer.uniform_(0.5, 1.5)
+            elif name.endswith("codebook.initialized"):
+                buffer.fill_(1.0)
 
 
 def save_tiny_checkpoint(folder, seed: int = TINY_MODEL_SEED, **config_overrides):
@@ -229,6 +234,7 @@ __all__ = [
     "build_tiny_model",
     "build_tiny_processor",
     "build_tiny_tokenizer",
+    "randomize_codebooks",
     "save_tiny_checkpoint",
     "save_tiny_processor",
 ]

@@ -24,7 +24,7 @@ import numpy as np
 
 from fastapi import WebSocketDisconnect
 
-from ..engine import GenerationJob
+from ..engine import EventBridge, GenerationJob
 from ..requests import IncrementalText, sampling_params
 from ..schemas import OPENAI_VOICE_NAMES, APIError, pcm16
 from .config import (
@@ -425,7 +425,7 @@ class RealtimeSession:
                                                    top_k=config.top_k), self.state.engine.model.generation_config)
         builder, loop = self.state.builder, asyncio.get_running_loop()
         inputs = await loop.run_in_executor(self.state.prep, builder.thinker_inputs, messages)
-        return GenerationJob(kind="chat", thinker_inputs=inputs, sink=EventQueue(loop), voice=voice,
+        return GenerationJob(kind="chat", thinker_inputs=inputs, sink=EventBridge(loop), voice=voice,
                              max_frames=max_frames, sampling=sampling, seed=config.seed,
                              want_audio="audio" in config.output_modalities)
 
@@ -497,19 +497,6 @@ class RealtimeSession:
                 response.job.cancel.set()
             if response.task is not None and response.task is not asyncio.current_task():
                 response.task.cancel()
-
-
-class EventQueue:
-    """The engine's sink for one job: events delivered into an asyncio.Queue on the event loop."""
-
-    def __init__(self, loop):
-        self.loop, self.queue = loop, asyncio.Queue()
-
-    def __call__(self, event):
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:  # the loop is closed: nobody is listening any more
-            pass
 
 
 HANDLERS = {
