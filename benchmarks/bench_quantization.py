@@ -53,7 +53,6 @@ def rss_gib(field="VmRSS"):
 
 def load(folder, mode):
     from openchroma import ChromaForConditionalGeneration
-    from openchroma.testing import randomize_codebooks
     from openchroma.quantization import load_quantized
 
     if mode in ("float32", "bfloat16"):
@@ -108,6 +107,7 @@ def mode_worker(folder, mode, frames, seeds, out_path):
 def prepare_checkpoint(folder):
     """The mid model with random weights (Mimi codebooks randomised as in openchroma.testing), saved in float32."""
     from openchroma import ChromaForConditionalGeneration
+    from openchroma.testing import randomize_codebooks
 
     torch.manual_seed(0)
     model = ChromaForConditionalGeneration(build_config("mid")).eval()

@@ -24,7 +24,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from openchroma.processing_chroma import load_audio  # noqa: E402
 from openchroma.serving.app import ChromaEngine, ServerSettings, VoiceStore, create_app, register_voice_file  # noqa: E402
 from openchroma.testing import build_tiny_model, build_tiny_processor  # noqa: E402
-from test_realtime import Server  # noqa: E402
+from test_server import Server  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM, DRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver") or "/usr/bin/chromedriver"

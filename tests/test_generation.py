@@ -1,6 +1,5 @@
 """The generation loop beyond the fixtures: batches equal solo runs, stopping, output shape, the cache."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -9,8 +9,6 @@ with the library, cancellation, truncation and errors.
 import base64
 import json
 import re
-import socket
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ httpx = pytest.importorskip("httpx")
 
 from openchroma.processing_chroma import load_audio  # noqa: E402
 from openchroma.serving.app import ChromaEngine, ServerSettings, VoiceStore, create_app, register_voice_file  # noqa: E402
+from test_server import Server  # noqa: E402  (uvicorn in a thread, configured as `openchroma serve` does)
 from openchroma.serving.realtime import RealtimeSettings  # noqa: E402
 from openchroma.testing import build_tiny_model, build_tiny_processor  # noqa: E402
 
@@ -37,37 +36,6 @@ sdk_realtime = pytest.mark.skipif(not hasattr(openai.OpenAI, "realtime"),
 MODEL = "chroma-tiny"
 RATE = 24000
 INSTRUCTIONS = "You are a helpful voice assistant."
-
-
-class Server:
-    """uvicorn serving create_app(...) in a daemon thread."""
-
-    def __init__(self, app):
-        self.app = app
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-
-    def client(self):
-        return openai.OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
-
-    def health(self):
-        return httpx.get(self.url + "/health").json()
 
 
 @pytest.fixture(scope="module")
