@@ -86,7 +86,7 @@ def make_inputs(model, batch, question_seconds=3.0, voice_seconds=3.0, seed=0):
            + [thinker.eos_token_id, thinker.bos_token_id] + ordinary(2))
     t = np.arange(int(24000 * voice_seconds)) / 24000
     voice = (0.3 * np.sin(2 * np.pi * 180 * t) + 0.05 * g.standard_normal(t.shape)).astype(np.float32)
-    device = model.backbone.codebook0_head.weight.device
+    device = model.backbone_device_dtype()[0]
     return {
         "thinker_input_ids": torch.tensor([ids] * batch, device=device),
         "thinker_attention_mask": torch.ones(batch, len(ids), dtype=torch.long, device=device),
@@ -116,7 +116,7 @@ def sync(device):
 def timed_stream(model, inputs, frames, decode_audio=True, runner=None, **kwargs):
     """-> (seconds to the first chunk, seconds per frame after it, frames). `runner`: a ChromaGenerator to use
     (e.g. a compiled one, kept across calls) instead of `model.stream`."""
-    device = model.backbone.codebook0_head.weight.device
+    device = model.backbone_device_dtype()[0]
     forced = long_text(inputs["thinker_input_ids"].shape[0], frames)
     if runner is None:
         chunks = model.stream(**inputs, max_new_tokens=frames, decode_audio=decode_audio, chunk_frames=(2, 4, 8),
@@ -143,7 +143,7 @@ def floor_per_frame(model, frames, repeats):
     from openchroma.cache_chroma import ChromaKVCache, padding_causal_mask
 
     config = model.config
-    device, dtype = model.backbone.codebook0_head.weight.device, model.backbone.codebook0_head.weight.dtype
+    device, dtype = model.backbone_device_dtype()
     length = 120 + frames * 2  # a cache as long as the run's (prompt + frames + thinker pairs)
     bb = ChromaKVCache(config.backbone_config, 1, length + 1, device, dtype)
     x = torch.randn(1, 1, config.backbone_config.hidden_size, device=device, dtype=dtype)

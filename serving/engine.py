@@ -92,7 +92,7 @@ class RowSamplingGenerator(ChromaGenerator):
     def __init__(self, model, row_sampling: List[SamplingParams], row_generators: List[Optional[torch.Generator]]):
         super().__init__(model)
         sampled = [b for b, p in enumerate(row_sampling) if p.do_sample]
-        self.sampled_index = torch.tensor(sampled, dtype=torch.long, device=model.backbone.codebook0_head.weight.device)
+        self.sampled_index = torch.tensor(sampled, dtype=torch.long, device=model.backbone_device_dtype()[0])
         self.sampled_params = [row_sampling[b] for b in sampled]
         self.sampled_generators = [row_generators[b] for b in sampled]
 
@@ -183,7 +183,7 @@ class ChromaEngine:
         self.processor = processor
         self.audio_decoder = model.streaming_audio_decoder()
         self.exact_audio = exact_audio
-        self.device = model.backbone.codebook0_head.weight.device
+        self.device = model.backbone_device_dtype()[0]
         self.max_batch_size = max_batch_size
         self.max_active_rows = max_active_rows
         self.batch_window_s = batch_window_s
